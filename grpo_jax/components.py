@@ -1,0 +1,115 @@
+"""What every entry point (main, sft, rejection_sample, bench) builds from a frozen config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from grpo_jax import config as config_lib
+from grpo_jax import data as data_lib
+from grpo_jax import models
+from grpo_jax import rewards as rewards_lib
+from grpo_jax.errors import UserError
+
+CORRECTNESS_REWARDS = ("accuracy", "exact_match")
+
+
+def demo_model_config(cfg: config_lib.Config, tokenizer) -> models.ModelConfig:
+  """The built-in demo model: a small Qwen2-shaped decoder over the demo tokenizer."""
+  demo = cfg.model.demo
+  return models.ModelConfig(
+      family="qwen2", vocab_size=len(tokenizer), hidden_size=demo.hidden_size,
+      intermediate_size=demo.intermediate_size, num_layers=demo.num_layers,
+      num_heads=demo.num_heads, num_kv_heads=demo.num_kv_heads,
+      head_dim=demo.hidden_size // demo.num_heads, rope_theta=10000.0, rope_scaling=None,
+      rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, qk_norm=False,
+      max_position_embeddings=4096, bos_token_id=None,
+      eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+      dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype or cfg.model.dtype,
+      remat=cfg.model.remat)
+
+
+def load_tokenizer(path: str):
+  """A local Hugging Face tokenizer; remote code is never trusted."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                      local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise UserError(f"model.path={path!r}: cannot load a tokenizer from it ({e})") from None
+
+
+def load_model(cfg: config_lib.Config):
+  """(tokenizer, model) for model.path, or the demo tokenizer and a fresh demo model."""
+  if not cfg.model.path:
+    tokenizer = data_lib.demo_tokenizer()
+    return tokenizer, models.init(demo_model_config(cfg, tokenizer), seed=cfg.train.seed)
+  if not os.path.isdir(cfg.model.path):
+    raise UserError(f"model.path={cfg.model.path!r} is not a directory; give a local "
+                    "Hugging Face checkpoint dir (config.json + safetensors) or \"\" for the demo model")
+  model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype)
+  return load_tokenizer(cfg.model.path), model
+
+
+def eos_token_ids(tokenizer, model: models.Transformer) -> tuple[int, ...]:
+  ids = set(model.config.eos_token_ids or ())
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))
+
+
+def pad_token_id(tokenizer) -> int:
+  if tokenizer.pad_token_id is not None:
+    return int(tokenizer.pad_token_id)
+  return int(tokenizer.eos_token_id or 0)
+
+
+def load_rows(cfg: config_lib.Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(train rows, held-out eval rows)."""
+  seed = cfg.train.seed
+  skip = cfg.data.skip_bad_rows
+  if cfg.data.eval_source:
+    train = data_lib.load_rows(cfg.data.source, split="train", seed=seed, skip_bad_rows=skip)
+    evals = data_lib.load_rows(cfg.data.eval_source, split="eval", seed=seed, skip_bad_rows=skip)
+  elif cfg.data.source.startswith("synthetic:"):
+    train = data_lib.load_rows(cfg.data.source, split="train", seed=seed)
+    evals = data_lib.load_rows(cfg.data.source, split="eval", seed=seed,
+                               num_rows=cfg.data.num_eval_rows)
+  else:
+    rows = data_lib.load_rows(cfg.data.source, split="train", seed=seed, skip_bad_rows=skip)
+    train, evals = data_lib.split_eval(rows, cfg.data.num_eval_rows, seed)
+  if not train:
+    raise UserError(f"data.source={cfg.data.source!r} has no training rows left after holding "
+                    f"out data.num_eval_rows={cfg.data.num_eval_rows} for evaluation")
+  return train, evals
+
+
+def reward_specs(cfg: config_lib.Config):
+  return rewards_lib.parse_spec(cfg.rewards)
+
+
+def correctness_reward(cfg: config_lib.Config) -> str:
+  """The reward evaluation counts as "correct": accuracy if configured, else exact_match."""
+  names = [s.name for s in reward_specs(cfg)]
+  for name in CORRECTNESS_REWARDS:
+    if name in names:
+      return name
+  return "accuracy" if cfg.data.source.startswith(("jsonl:", "tfds:")) else "exact_match"
+
+
+def init_distributed() -> None:
+  """Joins a multi-process run (TPU pod, multi-node GPU) when one is configured.
+
+  Cloud TPU pods are detected by jax itself; manual runs set JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single process does nothing.
+  """
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+        process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()

@@ -1,0 +1,83 @@
+"""Evaluation by pass@1 (averaged over k samples) and maj@k (majority vote; "cons@k" in R1).
+
+Also the jitted sampling function that evaluation and rejection sampling share.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grpo_jax import data as data_lib
+from grpo_jax import rewards as rewards_lib
+from grpo_jax import sampler as sampler_lib
+
+
+def make_sample_fn(graphdef, *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                   top_k: int = 0, eos_token_ids: tuple[int, ...] = (), pad_token_id: int = 0):
+  """jit: (params, prompt_tokens [R, T], prompt_mask [R, T], key) -> (tokens, mask) [R, N]."""
+
+  @jax.jit
+  def sample(params, prompt_tokens, prompt_mask, key):
+    model = nnx.merge(graphdef, params)
+    out = sampler_lib.generate(
+        model, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id)
+    return out.tokens, out.mask.astype(jnp.int32)
+
+  return sample
+
+
+def sample_completions(sample_fn, params, tokenizer, rows: Sequence[dict[str, Any]], k: int,
+                       key, *, buckets, max_prompt_len: int | None, use_chat_template,
+                       system_prompt, batch_rows: int = 256):
+  """k completions for each row, in batches of at most `batch_rows` rows.
+
+  Returns (completion texts [P * k] grouped by row, token lengths [P * k]).
+  """
+  texts, lengths = [], []
+  per_batch = max(1, batch_rows // k)
+  for start in range(0, len(rows), per_batch):
+    chunk = rows[start:start + per_batch]
+    prompts = [data_lib.format_prompt(tokenizer, row["prompt"], use_chat_template=use_chat_template,
+                                      system_prompt=system_prompt) for row in chunk]
+    tokens, mask = data_lib.encode_prompts(tokenizer, prompts, buckets=buckets,
+                                           max_prompt_len=max_prompt_len)
+    tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)
+    out_tokens, out_mask = sample_fn(params, tokens, mask, jax.random.fold_in(key, start))
+    out_tokens, out_mask = np.asarray(out_tokens), np.asarray(out_mask)
+    texts += data_lib.decode_completions(tokenizer, out_tokens, out_mask)
+    lengths += out_mask.sum(-1).tolist()
+  return texts, lengths
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+  """Majority vote over extracted answers (no answer never wins); ties go to the first seen."""
+  counts = collections.Counter(a for a in answers if a is not None)
+  if not counts:
+    return False
+  top = max(counts.values())
+  winner = next(a for a in answers if a is not None and counts[a] == top)
+  return any(c for a, c in zip(answers, correct) if a == winner)
+
+
+def score_pass_and_majority(scorer, rows: Sequence[dict[str, Any]], texts: Sequence[str],
+                            lengths: Sequence[int], k: int, reward_name: str) -> dict[str, float]:
+  """pass@1 (mean correctness over all P*k samples) and maj@k from completion texts."""
+  rep_rows = [row for row in rows for _ in range(k)]
+  result = scorer.score_texts(rep_rows, texts, lengths)
+  correct = np.nan_to_num(result.per_fn[reward_name], nan=0.0) > 0.5
+  answers = [rewards_lib.extract_answer(t) for t in texts]
+  majority = [majority_correct(answers[i * k:(i + 1) * k], correct[i * k:(i + 1) * k])
+              for i in range(len(rows))]
+  return {
+      "eval/pass@1": float(correct.mean()),
+      f"eval/maj@{k}": float(np.mean(majority)),
+      "eval/completion_length": float(np.mean(lengths)),
+  }

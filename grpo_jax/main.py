@@ -1,0 +1,261 @@
+"""GRPO training from the command line.
+
+  python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo [--config.a.b=value ...]
+
+Starting again on the same workdir resumes from the newest complete checkpoint. SIGTERM or
+SIGINT finishes the current step, checkpoints it and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from grpo_jax import checkpoint as checkpoint_lib
+from grpo_jax import components
+from grpo_jax import config as config_lib
+from grpo_jax import data as data_lib
+from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import metrics as metrics_lib
+from grpo_jax import scoring
+from grpo_jax import sft as sft_lib
+from grpo_jax import train_step as train_step_lib
+from grpo_jax.errors import UserError, exit_on_user_error, parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.")
+flags.DEFINE_bool("debug", False, "Show Python tracebacks for user errors.")
+
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    logging.warning("signal %d: finishing this step, checkpointing, then exiting", signum)
+    self.requested = True
+
+
+def step_config(cfg: config_lib.Config, scorer, tokenizer, model) -> train_step_lib.StepConfig:
+  g = cfg.grpo
+  return train_step_lib.StepConfig(
+      num_generations=g.num_generations, num_iterations=g.num_iterations,
+      minibatches=g.minibatches_per_iteration, grad_accum_steps=cfg.train.grad_accum_steps,
+      beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta,
+      loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
+      scale_rewards=g.scale_rewards, drop_zero_std_groups=g.drop_zero_std_groups,
+      mask_truncated_completions=g.mask_truncated_completions, ref_reset_every=g.ref_reset_every,
+      max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
+      top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
+      eos_token_ids=components.eos_token_ids(tokenizer, model),
+      pad_token_id=components.pad_token_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos,
+      reward_names=scorer.names)
+
+
+class Trainer:
+  """Holds what one run needs; `run()` trains from scratch or resumes."""
+
+  def __init__(self, cfg: config_lib.Config, workdir: str):
+    self.cfg = cfg
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    self.tokenizer, model = components.load_model(cfg)
+    self.train_rows, self.eval_rows = components.load_rows(cfg)
+    specs = components.reward_specs(cfg)
+    n = cfg.sampler.max_new_tokens
+    self.scorer = scoring.Scorer(self.tokenizer, self.train_rows, specs, max_new_tokens=n,
+                                 timeout_s=cfg.rewards_timeout_s)
+    self.eval_reward = components.correctness_reward(cfg)
+    eval_specs = [s for s in specs if s.name == self.eval_reward] or list(
+        components.rewards_lib.parse_spec(self.eval_reward))
+    eval_n = cfg.eval.max_new_tokens or n
+    self.eval_scorer = scoring.Scorer(self.tokenizer, self.eval_rows, eval_specs,
+                                      max_new_tokens=eval_n, timeout_s=cfg.rewards_timeout_s)
+    self.step_cfg = step_config(cfg, self.scorer, self.tokenizer, model)
+    updates = cfg.train.num_steps * cfg.grpo.num_iterations * cfg.grpo.minibatches_per_iteration
+    self.tx, self.lr_schedule = train_step_lib.make_optimizer(
+        learning_rate=cfg.train.learning_rate, total_updates=updates,
+        warmup_steps=cfg.train.warmup_steps, schedule=cfg.train.lr_schedule,
+        max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay,
+        b1=cfg.train.adam_b1, b2=cfg.train.adam_b2, eps=cfg.train.adam_eps)
+    self.graphdef, params = nnx.split(model)
+    self.state = train_step_lib.init_state(params, self.tx, beta=cfg.grpo.beta,
+                                           seed=cfg.train.seed)
+    self.train_step = train_step_lib.make_train_step(self.graphdef, self.tx, self.lr_schedule,
+                                                     self.step_cfg, self.scorer)
+    eval_temp = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampler.temperature
+    self.sample_fn = evaluate_lib.make_sample_fn(
+        self.graphdef, max_new_tokens=eval_n, temperature=eval_temp, top_p=cfg.sampler.top_p,
+        top_k=cfg.sampler.top_k, eos_token_ids=self.step_cfg.eos_token_ids,
+        pad_token_id=self.step_cfg.pad_token_id)
+    self.stream = data_lib.PromptStream(list(range(len(self.train_rows))),
+                                        cfg.data.prompts_per_step, cfg.train.seed)
+    self.ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep,
+                                            async_save=cfg.checkpoint.async_save)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
+                                            tensorboard=cfg.logging.tensorboard)
+
+  # -- pieces ------------------------------------------------------------------------------
+
+  def batch(self) -> train_step_lib.Batch:
+    ids = self.stream.next()
+    prompts = [data_lib.format_prompt(self.tokenizer, self.train_rows[i]["prompt"],
+                                      use_chat_template=self.cfg.data.use_chat_template,
+                                      system_prompt=self.cfg.data.system_prompt) for i in ids]
+    tokens, mask = data_lib.encode_prompts(self.tokenizer, prompts,
+                                           buckets=self.cfg.data.prompt_buckets,
+                                           max_prompt_len=self.cfg.data.max_prompt_len)
+    return train_step_lib.Batch(prompt_tokens=jnp.asarray(tokens, jnp.int32),
+                                prompt_mask=jnp.asarray(mask, jnp.int32),
+                                row_ids=jnp.asarray(ids, jnp.int32))
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    if not self.cfg.eval.num_prompts or not self.eval_rows:
+      return {}
+    rows = self.eval_rows[:self.cfg.eval.num_prompts]
+    k = self.cfg.eval.k
+    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), step)
+    texts, lengths = evaluate_lib.sample_completions(
+        self.sample_fn, self.state.params, self.tokenizer, rows, k, key,
+        buckets=self.cfg.data.prompt_buckets, max_prompt_len=self.cfg.data.max_prompt_len,
+        use_chat_template=self.cfg.data.use_chat_template, system_prompt=self.cfg.data.system_prompt)
+    return evaluate_lib.score_pass_and_majority(self.eval_scorer, rows, texts, lengths, k,
+                                                self.eval_reward)
+
+  def save(self, step: int, *, force: bool = False) -> None:
+    meta = {"data": self.stream.state(), "config": config_lib.describe(self.cfg)}
+    self.ckpt.save(step, self.state, meta, force=force)
+
+  def restore(self) -> int:
+    """Resumes from the newest complete checkpoint; returns its step (0: fresh start)."""
+    step = self.ckpt.latest_step()
+    if step is None:
+      return -1
+    abstract = jax.eval_shape(lambda: self.state)
+    self.state, meta = self.ckpt.restore(step, abstract)
+    self.stream.restore(meta["data"])
+    self.writer.truncate_after(step)
+    logging.info("resumed from %s/checkpoints/%d", self.workdir, step)
+    return step
+
+  def warm_start(self) -> None:
+    """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result."""
+    if self.cfg.sft.num_steps <= 0:
+      return
+    params = sft_lib.train(self.cfg, self.tokenizer, self.graphdef, self.state.params,
+                           self.writer)
+    self.state = train_step_lib.init_state(params, self.tx, beta=self.cfg.grpo.beta,
+                                           seed=self.cfg.train.seed)
+
+  # -- the loop ----------------------------------------------------------------------------
+
+  def run(self) -> dict[str, Any]:
+    cfg = self.cfg
+    stop = StopRequest()
+    start = self.restore()
+    first_eval: dict[str, float] = {}
+    if start < 0:
+      self.warm_start()
+      start = 0
+      self.save(0, force=True)
+      first_eval = self.evaluate(0)
+      self.writer.write(0, first_eval)
+      self._print_eval("before GRPO", first_eval)
+    progress = metrics_lib.Progress(cfg.train.num_steps, every_s=cfg.logging.progress_every_s,
+                                    enabled=self.is_main)
+    last_eval = first_eval
+    step = start
+    while step < cfg.train.num_steps:
+      batch = self.batch()
+      t0 = time.perf_counter()
+      self.state, metrics = self.train_step(self.state, batch)
+      metrics = jax.device_get(metrics)
+      step_s = time.perf_counter() - t0
+      step += 1
+      record = {k: float(v) for k, v in metrics.items()}
+      record["perf/step_s"] = step_s
+      record["perf/rollout_tokens_per_s"] = record.pop("perf/rollout_tokens") / step_s
+      self._check_finite(step, record)
+      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:
+        last_eval = self.evaluate(step)
+        record.update(last_eval)
+      self.writer.write(step, record)
+      progress.update(step, record)
+      at_end = step == cfg.train.num_steps
+      if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or at_end or stop.requested:
+        self.save(step, force=True)
+      if stop.requested and not at_end:
+        self.ckpt.wait()
+        logging.warning("stopped at step %d after a signal; checkpoint saved", step)
+        return {}
+    final_eval = self.evaluate(step) if step > start or not last_eval else last_eval
+    if step > start:
+      self.writer.write(step, final_eval)
+    self.ckpt.wait()
+    self._finish(first_eval, final_eval)
+    return final_eval
+
+  def _check_finite(self, step: int, record: dict[str, float]) -> None:
+    consecutive = record.get("train/nonfinite_consecutive", 0)
+    if consecutive >= self.cfg.train.max_nan_steps:
+      raise UserError(
+          f"{int(consecutive)} consecutive updates had NaN/Inf gradients (train.max_nan_steps="
+          f"{self.cfg.train.max_nan_steps}) at step {step}; the last good checkpoint is in "
+          f"{self.workdir}/checkpoints; lower train.learning_rate or check the data")
+
+  def _print_eval(self, title: str, ev: dict[str, float]) -> None:
+    if self.is_main and ev:
+      k = self.cfg.eval.k
+      print(f"{title}: pass@1 {ev['eval/pass@1']:.3f}  maj@{k} {ev[f'eval/maj@{k}']:.3f}",
+            flush=True)
+
+  def _finish(self, first_eval, final_eval) -> None:
+    if not self.is_main:
+      return
+    self._print_eval("after GRPO", final_eval)
+    if first_eval and final_eval:
+      gain = 100 * (final_eval["eval/pass@1"] - first_eval["eval/pass@1"])
+      print(f"held-out pass@1: {100 * first_eval['eval/pass@1']:.1f}% -> "
+            f"{100 * final_eval['eval/pass@1']:.1f}% ({gain:+.1f} points)", flush=True)
+    if self.cfg.logging.plot:
+      print(f"plot: {metrics_lib.plot(self.workdir)}", flush=True)
+    self.writer.close()
+
+
+@exit_on_user_error
+def run(config, workdir: str | None) -> dict[str, Any]:
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/demo.py")
+  if not workdir:
+    raise UserError("--workdir is required: the run directory for checkpoints and metrics")
+  cfg = config_lib.freeze(config)
+  components.init_distributed()
+  trainer = Trainer(cfg, workdir)
+  return trainer.run()
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

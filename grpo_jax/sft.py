@@ -1,0 +1,138 @@
+"""Cold-start supervised fine-tuning (DeepSeek-R1's first stage).
+
+  python -m grpo_jax.sft --config=configs/demo.py --workdir=runs/sft
+
+Trains on prompt/response rows: a JSONL file whose rows hold "prompt" and "response"
+(what `grpo_jax.rejection_sample` writes), or a synthetic task's worked solutions. The loss
+is the mean negative log-likelihood of the response tokens (and EOS). At the end the model
+is written as a Hugging Face checkpoint to <workdir>/hf, ready for `model.path`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from grpo_jax import components
+from grpo_jax import config as config_lib
+from grpo_jax import data as data_lib
+from grpo_jax import logprobs as logprobs_lib
+from grpo_jax import metrics as metrics_lib
+from grpo_jax import models
+from grpo_jax import train_step as train_step_lib
+from grpo_jax.errors import UserError, exit_on_user_error, parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics and the final model.")
+
+
+def response_of(row: dict[str, Any]) -> str:
+  """The SFT target of a row: its "response", or a synthetic row's worked solution."""
+  if "response" in row:
+    return row["response"]
+  if "reasoning" in row:
+    return data_lib.sft_target(row)
+  raise UserError("SFT rows need a \"response\" column (or a synthetic task's \"reasoning\"); "
+                  f"this row has only {sorted(row)}")
+
+
+def sft_rows(cfg: config_lib.Config) -> list[dict[str, Any]]:
+  source = cfg.sft.source or cfg.data.source
+  return data_lib.load_rows(source, split="train", seed=cfg.train.seed,
+                            skip_bad_rows=cfg.data.skip_bad_rows, required=("prompt", "response")
+                            if source.startswith("jsonl:") else ("prompt", "answer"))
+
+
+def nll_loss(graphdef, params, tokens, loss_mask, attention_mask) -> jax.Array:
+  """Mean NLL of tokens [B, T] where loss_mask is 1 (token t predicted from t - 1)."""
+  model = nnx.merge(graphdef, params)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+  h_btd, _ = model.hidden(tokens, positions=positions, attention_mask=attention_mask)
+  logps = logprobs_lib.chunked_token_logprobs(h_btd[:, :-1], model.unembed(), tokens[:, 1:])
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  return -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def make_sft_step(graphdef, tx: optax.GradientTransformation):
+  @jax.jit
+  def sft_step(params, opt_state, tokens, loss_mask, attention_mask):
+    loss, grads = jax.value_and_grad(nll_loss, argnums=1)(graphdef, params, tokens, loss_mask,
+                                                          attention_mask)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+
+  return sft_step
+
+
+def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_lib.MetricsWriter,
+          rows: Sequence[dict[str, Any]] | None = None):
+  """Runs cfg.sft.num_steps SFT updates from params; returns the new params.
+
+  Metrics go to the writer as step-0 records with "sft/step", "sft/loss", "sft/grad_norm".
+  """
+  rows = list(rows if rows is not None else sft_rows(cfg))
+  if not rows:
+    raise UserError(f"sft.source={cfg.sft.source or cfg.data.source!r} has no rows")
+  s = cfg.sft
+  tx, _ = train_step_lib.make_optimizer(
+      learning_rate=s.learning_rate, total_updates=s.num_steps, warmup_steps=s.num_steps // 10,
+      max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay)
+  opt_state = tx.init(params)
+  step_fn = make_sft_step(graphdef, tx)
+  stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
+  progress = metrics_lib.Progress(s.num_steps, every_s=cfg.logging.progress_every_s,
+                                  enabled=writer.enabled, title="sft")
+  for i in range(1, s.num_steps + 1):
+    batch = stream.next()
+    prompts = [data_lib.format_prompt(tokenizer, r["prompt"],
+                                      use_chat_template=cfg.data.use_chat_template,
+                                      system_prompt=cfg.data.system_prompt) for r in batch]
+    tokens, loss_mask, attention_mask = data_lib.encode_sft(
+        tokenizer, prompts, [response_of(r) for r in batch], max_len=s.max_len)
+    params, opt_state, loss, grad_norm = step_fn(params, opt_state, jnp.asarray(tokens),
+                                                 jnp.asarray(loss_mask),
+                                                 jnp.asarray(attention_mask))
+    if i % cfg.logging.every_steps == 0 or i == s.num_steps:
+      record = {"sft/step": i, "sft/loss": float(loss), "sft/grad_norm": float(grad_norm)}
+      writer.write(0, record)
+      progress.update(i, record)
+  return params
+
+
+@exit_on_user_error
+def run(config, workdir: str | None) -> str:
+  if config is None or not workdir:
+    raise UserError("--config and --workdir are required, e.g. --config=configs/demo.py "
+                    "--workdir=runs/sft")
+  cfg = config_lib.freeze(config)
+  if cfg.sft.num_steps <= 0:
+    raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
+  components.init_distributed()
+  tokenizer, model = components.load_model(cfg)
+  graphdef, params = nnx.split(model)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                     tensorboard=cfg.logging.tensorboard)
+  params = train(cfg, tokenizer, graphdef, params, writer)
+  out_dir = f"{workdir}/hf"
+  if jax.process_index() == 0:
+    models.save_pretrained(nnx.merge(graphdef, params), out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logging.info("wrote %s", out_dir)
+  writer.close()
+  return out_dir
+
+
+def main(argv) -> None:
+  del argv
+  print(run(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
