@@ -1,0 +1,16 @@
+"""Llama / Qwen2 / Qwen3 decoders in Flax NNX, loaded from and saved to HF checkpoints."""
+
+from grpo_jax.models.checkpoint_io import from_pretrained, save_pretrained
+from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.kv_cache import KVCache, init_cache
+from grpo_jax.models.transformer import Transformer, init
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "from_pretrained",
+    "init",
+    "init_cache",
+    "save_pretrained",
+]

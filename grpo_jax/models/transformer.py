@@ -1,0 +1,210 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
+
+Every parameter carries logical axis names in its `out_sharding` metadata ("vocab",
+"embed", "heads", "kv_heads", "head_dim", "mlp", "norm"); mapping them to a mesh is a
+rule table elsewhere. Weights are stored input-axis first: q [D, H, K], o [H, K, D],
+gate/up [D, F], down [F, D], embed [V, D], lm_head [D, V]. R = H // Hkv is the number of
+query heads that share one key/value head.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.kv_cache import KVCache
+from grpo_jax.models.rope import apply_rope, rope_angles
+
+_INIT_STD = 0.02
+_MASKED = -1e30  # score of a masked key; a row with every key masked stays finite
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def _param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple[str, ...],
+           dtype: jnp.dtype) -> nnx.Param:
+  """A parameter tagged with logical axis names (no sharding is applied here)."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+_normal = nnx.initializers.normal(_INIT_STD)
+_ones = nnx.initializers.ones
+_zeros = nnx.initializers.zeros
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in x's dtype."""
+
+  def __init__(self, dim: int, eps: float, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, _ones, (dim,), ("norm",), dtype)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _attend(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, mask_bts: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(K) + mask) v with grouped kv heads; scores and softmax in float32."""
+  b, t, h, k = q_bthk.shape
+  hkv = k_bshk.shape[2]
+  q = q_bthk.reshape(b, t, hkv, h // hkv, k)  # [B, T, Hkv, R, K]
+  scores = jnp.einsum("bthrk,bshk->bhrts", q, k_bshk, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask_bts[:, None, None], scores * k**-0.5, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
+  out = jnp.einsum("bhrts,bshk->bthrk", probs, v_bshk)
+  return out.reshape(b, t, h, k)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE; optional q/k/v bias, o bias and per-head q/k RMSNorm."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, hkv, k = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    pd = jnp.dtype(config.param_dtype)
+    self.q = _param(rngs, _normal, (d, h, k), ("embed", "heads", "head_dim"), pd)
+    self.k = _param(rngs, _normal, (d, hkv, k), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, _normal, (d, hkv, k), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, _normal, (h, k, d), ("heads", "head_dim", "embed"), pd)
+    if config.attention_bias:
+      self.q_bias = _param(rngs, _zeros, (h, k), ("heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, _zeros, (hkv, k), ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, _zeros, (hkv, k), ("kv_heads", "head_dim"), pd)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.o_bias = _param(rngs, _zeros, (d,), ("embed",), pd) if config.out_bias else None
+    if config.qk_norm:
+      self.q_norm = RMSNorm(k, config.rms_norm_eps, pd, rngs=rngs)
+      self.k_norm = RMSNorm(k, config.rms_norm_eps, pd, rngs=rngs)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def _project(self, x_btd: jax.Array, w: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+    """x W (+ b): [B, T, D] -> [B, T, heads, K]."""
+    cd = x_btd.dtype
+    y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(cd))
+    return y if bias is None else y + bias[...].astype(cd)
+
+  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
+               cache: KVCache | None, layer: int, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+    q = self._project(x_btd, self.q, self.q_bias)
+    k = self._project(x_btd, self.k, self.k_bias)
+    v = self._project(x_btd, self.v, self.v_bias)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      start = (layer, 0, cache_index, 0, 0)
+      cache = cache.replace(
+          k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+          v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+      k, v = cache.k[layer], cache.v[layer]
+    out = _attend(q, k, v, mask_bts)
+    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
+    if self.o_bias is not None:
+      y = y + self.o_bias[...].astype(y.dtype)
+    return y, cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(x gate) * (x up))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, pd = config.hidden_size, config.intermediate_size, jnp.dtype(config.param_dtype)
+    self.gate = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
+    self.up = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
+    self.down = _param(rngs, _normal, (f, d), ("mlp", "embed"), pd)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    cd = x_btd.dtype
+    h_btf = jax.nn.silu(x_btd @ self.gate[...].astype(cd)) * (x_btd @ self.up[...].astype(cd))
+    return h_btf @ self.down[...].astype(cd)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(config.param_dtype)
+    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x_btd, cos, sin, mask_bts, cache, layer, cache_index):
+    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, cache, layer, cache_index)
+    x_btd = x_btd + y
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+
+
+def _run_block(block: Block, x_btd, cos, sin, mask_bts, cache, cache_index, layer: int):
+  return block(x_btd, cos, sin, mask_bts, cache, layer, cache_index)
+
+
+_run_block_remat = nnx.remat(_run_block, static_argnums=(7,))
+
+
+class Transformer(nnx.Module):
+  """Token embedding, L blocks, final RMSNorm, tied or untied unembedding."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.embed = _param(rngs, _normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else _param(
+        rngs, _normal, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] float32 of tokens [B, T]; left padding allowed.
+
+    positions = max(cumsum(mask) - 1, 0), so the first real token of each row sits at 0.
+    """
+    mask = jnp.ones(tokens.shape, jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    h, _ = self.hidden(tokens, positions=positions, attention_mask=mask)
+    return self.logits(h)
+
+  def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
+             cache: KVCache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
+
+    Token t of these T occupies slot cache_index + t and attends to the valid slots at or
+    before it: without a cache the slots are these T tokens, with one they are the cache's
+    S slots after the T new keys/values and validities are written at [cache_index, +T).
+    """
+    cd = self.config.compute_dtype
+    x = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(cd)  # [B, T, D]
+    cos, sin = rope_angles(self.config, positions)
+    key_valid = attention_mask.astype(jnp.bool_)  # [B, S]
+    if cache is not None:
+      cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (jnp.int32(0), cache_index))
+      cache = cache.replace(valid=key_valid)
+    query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
+    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
+    mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
+    run = _run_block_remat if self.config.remat else _run_block
+    for layer, block in enumerate(self.layers):
+      x, cache = run(block, x, cos, sin, mask, cache, cache_index, layer)
+    return self.final_norm(x), cache
+
+  def unembed(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (tied: the embedding transposed)."""
+    w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return w.astype(self.config.compute_dtype)
+
+  def logits(self, h_btd: jax.Array) -> jax.Array:
+    """h W_out accumulated in float32: [B, T, D] -> [B, T, V]."""
+    return jnp.einsum("btd,dv->btv", h_btd, self.unembed(), preferred_element_type=jnp.float32)
+
+
+def init(config: ModelConfig, *, seed: int = 0) -> Transformer:
+  """A model with random weights: normal(0.02) matrices, unit norms, zero biases."""
+  return Transformer(config, rngs=nnx.Rngs(seed))

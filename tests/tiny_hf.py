@@ -1,0 +1,101 @@
+"""Tiny local Hugging Face tokenizers and checkpoints for tests (nothing is downloaded).
+
+  tok = tiny_hf.make_tokenizer(dir)                 # byte-level BPE, ~384 tokens, chat template
+  tiny_hf.make_checkpoint("qwen3", dir, vocab_size=len(tok))   # random torch weights + tokenizer
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_FAMILY_TYPES = ("llama", "qwen2", "qwen3")
+_WORDS = ("the answer is what how many apples has she he they gives takes buys sells left total each "
+          "step first then so because think reasoning solve add subtract multiply divide equals number "
+          "sum of and are in a an to for with").split()
+
+
+def _corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
+  """Arithmetic word problems, tagged reasoning and plain word salad, deterministic."""
+  rng = random.Random(seed)
+  lines = []
+  for i in range(num_lines):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op, val = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
+    kind = i % 3
+    if kind == 0:
+      lines.append(f"What is {a} {op} {b}? The answer is {val}.")
+    elif kind == 1:
+      lines.append(f"<think>{a} {op} {b} = {val}, {words}</think> <answer>{val}</answer>")
+    else:
+      lines.append(f"{words.capitalize()}. Then {a} and {b} make {val}.")
+  return lines
+
+
+def make_tokenizer(directory: str | pathlib.Path, *, vocab_size: int = 384):
+  """Trains a byte-level BPE on a local corpus; saves tokenizer.json + tokenizer_config.json.
+
+  Specials: <pad> (0), <eos> (1), <bos> (2), <|im_start|>, <|im_end|>; a ChatML-like template.
+  Returns the transformers.PreTrainedTokenizerFast.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+  tokenizer.save(str(directory / "tokenizer.json"))
+  fast = PreTrainedTokenizerFast(
+      tokenizer_file=str(directory / "tokenizer.json"), pad_token="<pad>", eos_token="<eos>",
+      bos_token="<bos>")
+  fast.chat_template = CHAT_TEMPLATE
+  fast.save_pretrained(directory)
+  return fast
+
+
+def make_checkpoint(family: str, directory: str | pathlib.Path, *, vocab_size: int | None = None,
+                    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False,
+                    seed: int = 0, **overrides) -> pathlib.Path:
+  """A random-weight transformers model of `family` saved (float32) with its tokenizer in directory.
+
+  vocab_size defaults to the tokenizer's size. Weights are redrawn after HF's init so
+  that biases and norm scales are not trivially 0 / 1: embeddings, matrices and biases
+  ~ N(0, 0.2^2), norm scales ~ 1 + N(0, 0.1^2). overrides go to the HF config
+  (e.g. rope_parameters=..., intermediate_size=...).
+  """
+  import torch
+  import transformers
+
+  if family not in _FAMILY_TYPES:
+    raise ValueError(f"family {family!r} not in {_FAMILY_TYPES}")
+  directory = pathlib.Path(directory)
+  tokenizer = make_tokenizer(directory)
+  kwargs = dict(
+      vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+      head_dim=hidden // heads, tie_word_embeddings=tie, max_position_embeddings=512,
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id)
+  kwargs.update(overrides)
+  config = transformers.AutoConfig.for_model(family, **kwargs)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.2 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return directory
