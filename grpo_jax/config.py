@@ -347,6 +347,8 @@ def _validate(c: Config) -> None:
            f">= {low}" + (f" ({low} = {meaning})" if meaning else ""))
   for key in ("data.source", "data.eval_source", "sft.source"):
     source = _get(c, key)
+    if source is None:  # data.eval_source: hold out rows of data.source
+      continue
     prefix = next((p for p in SOURCE_PREFIXES if source.startswith(p)), "")
     _check(prefix and len(source) > len(prefix), key, source,
            "synthetic:<task> | jsonl:<file> | tfds:<name>[:split]")
@@ -409,8 +411,6 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
       c,
       model=dataclasses.replace(c.model, param_dtype=_or(c.model.param_dtype,
                                                          c.model.dtype)),
-      data=dataclasses.replace(c.data, eval_source=_or(c.data.eval_source,
-                                                       c.data.source)),
       grpo=dataclasses.replace(g, epsilon_high=_or(g.epsilon_high, g.epsilon_low)),
       eval=dataclasses.replace(
           e, temperature=_or(e.temperature, c.sampler.temperature),

@@ -51,7 +51,8 @@ def test_defaults_freeze_and_resolve():
   assert c.grpo.epsilon_high == c.grpo.epsilon_low
   assert c.eval.max_new_tokens == c.sampler.max_new_tokens
   assert c.model.param_dtype == c.model.dtype
-  assert c.data.eval_source == c.data.source == c.sft.source
+  assert c.sft.source == c.data.source
+  assert c.data.eval_source is None  # hold out data.num_eval_rows rows of data.source
   hash(c)  # static argument for jit
   with pytest.raises(dataclasses.FrozenInstanceError):
     c.grpo.beta = 1.0  # type: ignore[misc]
@@ -129,6 +130,7 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(model__dtype="float16"), ["model.dtype='float16'", "float32 | bfloat16"]),
     (dict(data__source="hf:gsm8k"), ["data.source='hf:gsm8k'", "jsonl:<file>"]),
     (dict(data__source="jsonl:"), ["data.source='jsonl:'"]),
+    (dict(data__eval_source="test.jsonl"), ["data.eval_source='test.jsonl'"]),
     (dict(train__lr_schedule="linear"), ["train.lr_schedule", "cosine | constant"]),
     # Ranges.
     (dict(grpo__num_generations=1), ["grpo.num_generations=1", ">= 2"]),
