@@ -159,10 +159,6 @@ class Config:
   logging: LoggingCfg = LoggingCfg()
 
 
-def _hints(cls: type) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
-
-
 def _optional_base(hint: Any) -> Any:
   """X for Optional[X], else None."""
   if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -173,7 +169,7 @@ def _optional_base(hint: Any) -> Any:
 
 def _to_config_dict(instance: Any) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
-  hints = _hints(type(instance))
+  hints = typing.get_type_hints(type(instance))
   for f in dataclasses.fields(instance):
     value = getattr(instance, f.name)
     base = _optional_base(hints[f.name])
@@ -223,23 +219,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
   return value
 
 
-def _flat_keys(cls: type, prefix: str = "") -> list[str]:
-  keys = []
-  for name, hint in _hints(cls).items():
-    if dataclasses.is_dataclass(hint):
-      keys += _flat_keys(hint, f"{prefix}{name}.")
-    else:
-      keys.append(prefix + name)
-  return keys
-
-
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   """Builds dataclass `cls` from nested `values`; absent keys take their defaults."""
-  hints = _hints(cls)
+  hints = typing.get_type_hints(cls)
   for name in values:
     if name not in hints:
       key = prefix + name
-      close = difflib.get_close_matches(key, _flat_keys(Config), n=1, cutoff=0.6)
+      known = [k for k, _ in _flat_items(Config())]
+      close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
       hint = f"; did you mean {close[0]}?" if close else ""
       raise UserError(f"unknown config key {key}{hint}")
   kwargs = {}
@@ -250,7 +237,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     if dataclasses.is_dataclass(hint):
       if not isinstance(value, Mapping):
         raise UserError(f"config key {key}={value!r}: expected a section with keys "
-                        f"{', '.join(_flat_keys(hint))}")
+                        f"{', '.join(k for k, _ in _flat_items(hint()))}")
       kwargs[name] = _build(hint, value, key + ".")
     else:
       kwargs[name] = _coerce(key, value, hint)
