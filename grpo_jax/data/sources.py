@@ -149,8 +149,7 @@ def read_tfds(name: str, split: str, *, data_dir: str | None = None, **kwargs) -
                     f" {prepare}") from None
   except ValueError as e:
     raise UserError(f"TFDS dataset {name!r}: {str(e).splitlines()[0]}") from None
-  base = name.split("/")[0].split(":")[0]
-  convert = _TFDS_CONVERTERS.get(base, lambda example: example)
+  convert = _TFDS_CONVERTERS.get(name.split("/")[0], lambda example: example)
   examples = ((i, _to_python(source[i])) for i in range(len(source)))
   return _collect(examples, convert, where=f"tfds:{name}:{split}", **kwargs)
 

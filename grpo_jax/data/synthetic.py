@@ -159,15 +159,15 @@ _TASKS: dict[str, tuple[type, Callable[[random.Random, object], dict]]] = {
 
 
 def _parse_options(task: str, text: str, options_cls: type):
-  """"digits=4,ops=+-" -> options_cls(digits=4, ops="+-")."""
-  fields = {f.name: f.type for f in dataclasses.fields(options_cls)}
+  """Parses "digits=4,ops=+-" into options_cls(digits=4, ops="+-")."""
+  fields = {f.name: type(f.default) for f in dataclasses.fields(options_cls)}
   kwargs = {}
   for item in filter(None, text.split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in fields:
       raise UserError(f"bad option {item!r} for synthetic:{task}; allowed: "
                       + ", ".join(f"{k}=..." for k in fields))
-    if fields[key] == "int":
+    if fields[key] is int:
       if not value.lstrip("-").isdigit():
         raise UserError(f"synthetic:{task} option {key} must be an integer, got {value!r}")
       kwargs[key] = int(value)
