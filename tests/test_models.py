@@ -1,0 +1,264 @@
+"""Model parity with transformers' PyTorch models, KV-cache decoding, checkpoint I/O, errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from grpo_jax import models
+from grpo_jax.errors import UserError
+from tests import tiny_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+_LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=64)
+# name -> (family, make_checkpoint kwargs). With head_dim 16 and theta 5e5 the rope
+# wavelengths are 6.3 (kept), 32 (interpolated) and > 64 (divided by factor).
+CASES = {
+    "llama3_tied": ("llama", dict(tie=True, rope_parameters=_LLAMA3)),
+    "llama3_untied": ("llama", dict(tie=False, rope_parameters=_LLAMA3)),
+    "qwen2": ("qwen2", dict(tie=False)),
+    "qwen3": ("qwen3", dict(tie=True, kv_heads=1)),
+}
+PARITY_ATOL = 2e-4
+CACHE_ATOL = 1e-4
+# bf16 params and activations vs float32 on logits of mean |l| ~1.3, max ~7: measured max
+# 0.14, mean 0.02 (transformers' own bf16 forward is 0.18 max away from its float32 one).
+BF16_MAX_ATOL = 0.3
+BF16_MEAN_ATOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """Case name -> checkpoint dir, built on first use."""
+  made = {}
+
+  def get(name):
+    if name not in made:
+      family, kwargs = CASES[name]
+      made[name] = tiny_hf.make_checkpoint(family, tmp_path_factory.mktemp(name), **kwargs)
+    return made[name]
+
+  return get
+
+
+def _batch(vocab_size, b=3, t=12, pads=(0, 4, 9), seed=0):
+  """Random tokens [B, T] with left padding of pads[i] tokens in row i, and the mask."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(3, vocab_size, size=(b, t)).astype(np.int32)
+  mask = np.arange(t)[None, :] >= np.asarray(pads)[:, None]
+  return np.where(mask, tokens, 0).astype(np.int32), mask.astype(np.int32)
+
+
+def _hf_logits(directory, tokens, mask):
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions))
+  return out.logits.numpy()
+
+
+def _max_diff_on_valid(a, b, mask):
+  return float(np.abs(np.asarray(a) - np.asarray(b))[np.asarray(mask) == 1].max())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_match_transformers_with_left_padding(checkpoints, name):
+  directory = checkpoints(name)
+  model = models.from_pretrained(directory)
+  tokens, mask = _batch(model.config.vocab_size)
+  ours = model(jnp.asarray(tokens), jnp.asarray(mask))
+  assert ours.dtype == jnp.float32
+  diff = _max_diff_on_valid(ours, _hf_logits(directory, tokens, mask), mask)
+  print(f"parity {name}: max |diff| = {diff:.2e}")
+  assert diff < PARITY_ATOL
+
+
+@pytest.mark.parametrize("name", ["llama3_untied", "qwen2", "qwen3"])
+def test_prefill_then_decode_matches_full_forward(checkpoints, name):
+  model = models.from_pretrained(checkpoints(name))
+  prompt_len, new, spare = 8, 5, 3
+  tokens, mask = _batch(model.config.vocab_size, t=prompt_len + new, pads=(0, 3, 6), seed=1)
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+  full = model(jnp.asarray(tokens), jnp.asarray(mask))
+
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def step(params, cache, tok, pos, m, index):
+    m_ = nnx.merge(graphdef, params)
+    h, cache = m_.hidden(tok, positions=pos, attention_mask=m, cache=cache, cache_index=index)
+    return m_.logits(h), cache
+
+  cache = models.init_cache(model.config, tokens.shape[0], prompt_len + new + spare)
+  logits, cache = step(params, cache, tokens[:, :prompt_len], positions[:, :prompt_len],
+                       mask[:, :prompt_len], jnp.int32(0))
+  got = [logits]
+  for i in range(prompt_len, prompt_len + new):
+    logits, cache = step(params, cache, tokens[:, i:i + 1], positions[:, i:i + 1], mask[:, i:i + 1],
+                         jnp.int32(i))
+    got.append(logits)
+  assert _max_diff_on_valid(jnp.concatenate(got, axis=1), full, mask) < CACHE_ATOL
+  np.testing.assert_array_equal(np.asarray(cache.valid[:, :prompt_len + new]), mask == 1)
+  assert not np.asarray(cache.valid[:, prompt_len + new:]).any()
+
+
+def test_init_cache_is_empty():
+  config = models.ModelConfig(family="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                              num_layers=3, num_heads=4, num_kv_heads=2, head_dim=4, dtype="bfloat16")
+  cache = models.init_cache(config, 2, 7)
+  assert cache.k.shape == cache.v.shape == (3, 2, 7, 2, 4)
+  assert cache.k.dtype == jnp.bfloat16
+  assert cache.valid.shape == (2, 7) and not cache.valid.any()
+
+
+def test_save_pretrained_loads_back_in_transformers(checkpoints, tmp_path):
+  source = checkpoints("qwen2")
+  model = models.from_pretrained(source)
+  models.save_pretrained(model, tmp_path)
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert "rope_parameters" in written and "rope_theta" not in written
+  tokens, mask = _batch(model.config.vocab_size)
+  np.testing.assert_allclose(_hf_logits(tmp_path, tokens, mask), _hf_logits(source, tokens, mask), atol=1e-6)
+  assert models.from_pretrained(tmp_path).config == model.config
+
+
+def test_sharded_save_is_read_by_both(checkpoints, tmp_path):
+  source = checkpoints("llama3_untied")
+  model = models.from_pretrained(source)
+  models.save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  assert not (tmp_path / "model.safetensors").exists()
+  tokens, mask = _batch(model.config.vocab_size)
+  np.testing.assert_allclose(_hf_logits(tmp_path, tokens, mask), _hf_logits(source, tokens, mask), atol=1e-6)
+  reloaded = models.from_pretrained(tmp_path)
+  np.testing.assert_array_equal(reloaded(tokens, mask), model(tokens, mask))
+
+
+def test_bfloat16_params_round_trip_exactly(checkpoints, tmp_path):
+  model = models.from_pretrained(checkpoints("qwen3"), dtype="bfloat16")
+  models.save_pretrained(model, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+  reloaded = models.from_pretrained(tmp_path, dtype="bfloat16")
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reloaded))):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _rewrite_config(source, target, edit):
+  shutil.copytree(source, target)
+  hf = json.loads((target / "config.json").read_text())
+  edit(hf)
+  (target / "config.json").write_text(json.dumps(hf))
+  return target
+
+
+def _to_rope_theta_layout(hf):
+  """transformers 5 layout -> the published one: rope_theta + rope_scaling (old "type" key)."""
+  rope = hf.pop("rope_parameters")
+  hf["rope_theta"] = rope.pop("rope_theta")
+  rope["type"] = rope.pop("rope_type")
+  hf["rope_scaling"] = rope
+
+
+def test_both_config_layouts_give_same_model(checkpoints, tmp_path):
+  source = checkpoints("llama3_tied")
+  old = _rewrite_config(source, tmp_path / "old", _to_rope_theta_layout)
+  assert "rope_parameters" not in json.loads((old / "config.json").read_text())
+  new_model, old_model = models.from_pretrained(source), models.from_pretrained(old)
+  assert old_model.config == new_model.config
+  assert dict(new_model.config.rope_scaling)["factor"] == 8.0
+  tokens, mask = _batch(new_model.config.vocab_size)
+  assert _max_diff_on_valid(old_model(tokens, mask), _hf_logits(source, tokens, mask), mask) < PARITY_ATOL
+
+
+def test_config_round_trips_through_to_hf():
+  hf = {"model_type": "llama", "vocab_size": 99, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rope_theta": 5e5, "rope_scaling": dict(_LLAMA3), "eos_token_id": [5, 6], "bos_token_id": 1}
+  config = models.ModelConfig.from_hf(hf, dtype="bfloat16")
+  assert config.head_dim == 8 and config.eos_token_ids == (5, 6) and config.rope_theta == 5e5
+  assert config.dtype == config.param_dtype == "bfloat16"
+  assert models.ModelConfig.from_hf(config.to_hf(), dtype="bfloat16") == config
+  hash(config)
+
+
+def test_unsupported_model_type_is_user_error(checkpoints, tmp_path):
+  directory = _rewrite_config(checkpoints("qwen2"), tmp_path / "gpt2", lambda hf: hf.update(model_type="gpt2"))
+  with pytest.raises(UserError, match=r"model_type 'gpt2' is not supported; supported: llama, qwen2, qwen3") as e:
+    models.from_pretrained(directory)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_tensor_is_user_error(checkpoints, tmp_path):
+  directory = tmp_path / "ckpt"
+  shutil.copytree(checkpoints("qwen2"), directory)
+  tensors = load_file(directory / "model.safetensors")
+  del tensors["model.layers.1.self_attn.k_proj.bias"]
+  save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(UserError, match=r"lacks 1 tensors .*: model\.layers\.1\.self_attn\.k_proj\.bias$") as e:
+    models.from_pretrained(directory)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_config_is_user_error(tmp_path):
+  with pytest.raises(UserError, match=r"no config\.json in .*; expected a local Hugging Face checkpoint"):
+    models.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file_is_user_error(checkpoints, tmp_path):
+  directory = tmp_path / "ckpt"
+  shutil.copytree(checkpoints("qwen2"), directory)
+  (directory / "model.safetensors").unlink()
+  with pytest.raises(UserError, match=r"only safetensors weights are read"):
+    models.from_pretrained(directory)
+
+
+def test_bfloat16_stays_close_to_float32(checkpoints):
+  directory = checkpoints("llama3_untied")
+  f32, bf16 = models.from_pretrained(directory), models.from_pretrained(directory, dtype="bfloat16")
+  tokens, mask = _batch(f32.config.vocab_size)
+  ref, got = f32(tokens, mask), bf16(tokens, mask)
+  assert got.dtype == jnp.float32
+  assert bf16.hidden(tokens, positions=jnp.zeros_like(tokens), attention_mask=mask)[0].dtype == jnp.bfloat16
+  diff = np.abs(np.asarray(got) - np.asarray(ref))[mask == 1]
+  assert diff.max() < BF16_MAX_ATOL and diff.mean() < BF16_MEAN_ATOL
+
+
+def _tiny_config(**kwargs):
+  base = dict(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+              num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, attention_bias=True)
+  return models.ModelConfig(**{**base, **kwargs})
+
+
+def test_every_parameter_has_logical_axis_names():
+  allowed = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
+  for config in (_tiny_config(), _tiny_config(family="qwen2", qk_norm=False, tie_word_embeddings=True)):
+    state = nnx.state(models.init(config), nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+      names = var.get_metadata().get("out_sharding")
+      assert names is not None and len(names) == var[...].ndim, path
+      assert set(names) <= allowed, path
+
+
+def test_remat_gives_same_values_and_gradients():
+  tokens, mask = _batch(64, t=6, pads=(0, 2, 6))  # the last row is all padding
+
+  def loss_and_grad(remat):
+    graphdef, params = nnx.split(models.init(_tiny_config(remat=remat), seed=3), nnx.Param)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, mask) * mask[..., None])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (plain, plain_grads), (remat, remat_grads) = loss_and_grad(False), loss_and_grad(True)
+  assert np.isfinite(plain) and all(np.isfinite(g).all() for g in jax.tree.leaves(plain_grads))
+  np.testing.assert_allclose(remat, plain, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), remat_grads, plain_grads)
