@@ -87,7 +87,7 @@ def test_prefill_then_decode_matches_full_forward(checkpoints, name):
   model = models.from_pretrained(checkpoints(name))
   prompt_len, new, spare = 8, 5, 3
   tokens, mask = _batch(model.config.vocab_size, t=prompt_len + new, pads=(0, 3, 6), seed=1)
-  positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+  positions = np.asarray(models.positions_from_mask(jnp.asarray(mask)))
   full = model(jnp.asarray(tokens), jnp.asarray(mask))
 
   graphdef, params = nnx.split(model, nnx.Param)
@@ -109,6 +109,12 @@ def test_prefill_then_decode_matches_full_forward(checkpoints, name):
   assert _max_diff_on_valid(jnp.concatenate(got, axis=1), full, mask) < CACHE_ATOL
   np.testing.assert_array_equal(np.asarray(cache.valid[:, :prompt_len + new]), mask == 1)
   assert not np.asarray(cache.valid[:, prompt_len + new:]).any()
+
+
+def test_positions_count_real_tokens_from_zero():
+  mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(models.positions_from_mask(mask),
+                                [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
 
 
 def test_init_cache_is_empty():

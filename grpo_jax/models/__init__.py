@@ -3,7 +3,7 @@
 from grpo_jax.models.checkpoint_io import from_pretrained, save_pretrained
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.kv_cache import KVCache, init_cache
-from grpo_jax.models.transformer import Transformer, init
+from grpo_jax.models.transformer import Transformer, init, positions_from_mask
 
 __all__ = [
     "KVCache",
@@ -12,5 +12,6 @@ __all__ = [
     "from_pretrained",
     "init",
     "init_cache",
+    "positions_from_mask",
     "save_pretrained",
 ]

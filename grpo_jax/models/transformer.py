@@ -149,6 +149,11 @@ def _run_block(block: Block, x_btd, cos, sin, mask_bts, cache, cache_index, laye
 _run_block_remat = nnx.remat(_run_block, static_argnums=(7,))
 
 
+def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+  """Positions [B, T] int32 of left-padded rows: max(cumsum(mask) - 1, 0), first real token at 0."""
+  return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
 class Transformer(nnx.Module):
   """Token embedding, L blocks, final RMSNorm, tied or untied unembedding."""
 
@@ -162,13 +167,9 @@ class Transformer(nnx.Module):
         rngs, _normal, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
 
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, V] float32 of tokens [B, T]; left padding allowed.
-
-    positions = max(cumsum(mask) - 1, 0), so the first real token of each row sits at 0.
-    """
+    """Logits [B, T, V] float32 of tokens [B, T]; left padding allowed (positions_from_mask)."""
     mask = jnp.ones(tokens.shape, jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
-    h, _ = self.hidden(tokens, positions=positions, attention_mask=mask)
+    h, _ = self.hidden(tokens, positions=positions_from_mask(mask), attention_mask=mask)
     return self.logits(h)
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
