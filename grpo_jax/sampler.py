@@ -1,0 +1,212 @@
+"""Compiled autoregressive sampling with a KV cache.
+
+One prefill forward over the left-padded prompts fills the cache, then a
+`lax.while_loop` decodes one token per iteration and exits as soon as every row
+has produced an EOS id (or N tokens). Nothing in the loop returns to the host.
+
+`generate` is the eager entry point (jitted here). `generate_from` is the pure
+function behind it, for callers that are already inside a trace (the GRPO train
+step merges its model from a params pytree and calls it there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from grpo_jax import models
+from grpo_jax.config import DataCfg
+from grpo_jax.errors import UserError
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Static sampling settings (hashable: a jit compiles once per value).
+
+  Values are trusted: user input is validated where the config is read.
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+  stop_at_eos: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+
+@struct.dataclass
+class SamplerOutput:
+  tokens: jax.Array  # [B, N] int32, pad after EOS
+  mask: jax.Array  # [B, N] int32, 1 up to and including the first EOS
+  logprobs: jax.Array  # [B, N] float32, 0 where mask is 0
+
+
+@struct.dataclass
+class DecodeState:
+  step: jax.Array  # int32 scalar: index in [0, N) of the token sampled next
+  tokens: jax.Array  # [B, N] int32
+  logprobs: jax.Array  # [B, N] float32
+  done: jax.Array  # [B] bool: the row has produced an EOS id
+  cache: models.KVCache
+  key: jax.Array  # the caller's key; step s samples with fold_in(key, s)
+  positions: jax.Array  # [B] int32: position of tokens[:, step - 1]
+
+
+def bucket_length(t: int, buckets: Sequence[int] = DataCfg.prompt_buckets) -> int:
+  """The smallest bucket >= t, so prompts of similar length share one compile."""
+  for b in sorted(buckets):
+    if b >= t:
+      return b
+  raise UserError(
+      f"prompt of {t} tokens is longer than the largest prompt bucket {max(buckets)}; "
+      "allowed: shorter prompts or a larger bucket")
+
+
+def pad_prompts(tokens: jax.Array, mask: jax.Array, length: int,
+                pad_token_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Left-pads [B, T] prompts and their mask to [B, length]."""
+  t = tokens.shape[1]
+  if t > length:
+    raise ValueError(f"prompts of {t} tokens do not fit in length {length}")
+  widths = ((0, 0), (length - t, 0))
+  return (jnp.pad(tokens, widths, constant_values=pad_token_id),
+          jnp.pad(mask, widths, constant_values=0))
+
+
+def truncate_logits(scaled_bv: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets to -inf every logit outside the top-k, then outside the top-p nucleus.
+
+  The nucleus is the smallest set of most likely tokens (under the top-k
+  renormalised distribution) whose probability mass reaches top_p; the most
+  likely token is always kept. Logits tied with the last kept one are kept too.
+  """
+  v = scaled_bv.shape[-1]
+  use_k = 0 < top_k < v
+  if not use_k and top_p >= 1.0:
+    return scaled_bv
+  if use_k:
+    sorted_bk = jax.lax.top_k(scaled_bv, top_k)[0]  # descending
+  else:
+    sorted_bk = -jnp.sort(-scaled_bv, axis=-1)
+  if top_p < 1.0:
+    probs_bk = jax.nn.softmax(sorted_bk, axis=-1)
+    mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+    n_keep_b = jnp.sum(mass_before_bk < top_p, axis=-1)  # >= 1: mass before the top is 0
+    threshold_b = jnp.take_along_axis(sorted_bk, n_keep_b[:, None] - 1, axis=-1)[:, 0]
+  else:
+    threshold_b = sorted_bk[:, -1]
+  return jnp.where(scaled_bv >= threshold_b[:, None], scaled_bv, -jnp.inf)
+
+
+def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns (tokens [B] int32, logprobs [B] float32).
+
+  With s = logits / temperature, the token is drawn from softmax(s) truncated by
+  top-k / top-p, and its log-prob is log softmax(s)[token] under the UNtruncated
+  distribution: what TRL and vLLM report, and what a teacher-forced forward at
+  the same temperature gives (the GRPO ratio's denominator). Temperature 0 is
+  greedy (argmax), with the log-prob at temperature 1.
+  """
+  logits_bv = logits_bv.astype(jnp.float32)
+  if temperature == 0:
+    scaled_bv = logits_bv
+    tokens_b = jnp.argmax(logits_bv, axis=-1)
+  else:
+    scaled_bv = logits_bv / temperature
+    tokens_b = jax.random.categorical(key, truncate_logits(scaled_bv, top_k, top_p), axis=-1)
+  tokens_b = tokens_b.astype(jnp.int32)
+  picked_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
+  return tokens_b, picked_b - jax.nn.logsumexp(scaled_bv, axis=-1)
+
+
+def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                  key: jax.Array, settings: SampleConfig) -> SamplerOutput:
+  """Pure sampling from left-padded prompts [B, T]; traceable inside any jit."""
+  b, t = prompt_tokens.shape
+  n = settings.max_new_tokens
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  eos_ids = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
+
+  def sample(logits_bv, key, step, done_b):
+    tokens_b, logprobs_b = sample_token(
+        logits_bv, jax.random.fold_in(key, step), temperature=settings.temperature,
+        top_k=settings.top_k, top_p=settings.top_p)
+    tokens_b = jnp.where(done_b, settings.pad_token_id, tokens_b)
+    logprobs_b = jnp.where(done_b, 0.0, logprobs_b)
+    if settings.stop_at_eos:
+      done_b = done_b | jnp.isin(tokens_b, eos_ids)
+    return tokens_b, logprobs_b, done_b
+
+  # Prefill: one forward over the prompts; the last column is every row's last token.
+  positions_bt = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+  cache = models.init_cache(model.config, b, t + n)
+  h_btd, cache = model.hidden(prompt_tokens, positions=positions_bt, attention_mask=prompt_mask,
+                              cache=cache, cache_index=0)
+  logits_bv = model.logits(h_btd[:, -1:])[:, 0]
+  first_b, first_lp_b, done_b = sample(logits_bv, key, 0, jnp.zeros((b,), bool))
+  state = DecodeState(
+      step=jnp.array(1, jnp.int32),
+      tokens=jnp.full((b, n), settings.pad_token_id, jnp.int32).at[:, 0].set(first_b),
+      logprobs=jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp_b),
+      done=done_b,
+      cache=cache,
+      key=key,
+      positions=jnp.sum(prompt_mask, axis=-1),
+  )
+
+  def cond(s: DecodeState):
+    return (s.step < n) & ~jnp.all(s.done)
+
+  def body(s: DecodeState) -> DecodeState:
+    last_b1 = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
+    h_b1d, cache = model.hidden(last_b1, positions=s.positions[:, None],
+                                attention_mask=jnp.ones_like(last_b1), cache=s.cache,
+                                cache_index=t + s.step - 1)
+    tokens_b, logprobs_b, done_b = sample(model.logits(h_b1d)[:, 0], s.key, s.step, s.done)
+    return DecodeState(
+        step=s.step + 1,
+        tokens=s.tokens.at[:, s.step].set(tokens_b),
+        logprobs=s.logprobs.at[:, s.step].set(logprobs_b),
+        done=done_b,
+        cache=cache,
+        key=s.key,
+        positions=s.positions + 1,
+    )
+
+  state = jax.lax.while_loop(cond, body, state)
+  if settings.stop_at_eos:
+    is_eos_bn = jnp.isin(state.tokens, eos_ids).astype(jnp.int32)
+    mask_bn = (jnp.cumsum(is_eos_bn, axis=-1) - is_eos_bn == 0).astype(jnp.int32)
+  else:
+    mask_bn = jnp.ones((b, n), jnp.int32)
+  return SamplerOutput(tokens=state.tokens, mask=mask_bn, logprobs=state.logprobs)
+
+
+@jax.jit(static_argnames=("settings",))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings):
+  return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings)
+
+
+def generate(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+             key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (),
+             pad_token_id: int = 0, stop_at_eos: bool = True) -> SamplerOutput:
+  """Samples N = max_new_tokens tokens after left-padded prompts [B, T] (compiled).
+
+  Compiles once per (B, T, N, settings); use `bucket_length` / `pad_prompts` to
+  keep T to a few values. See `sample_token` for what the log-probs are.
+  """
+  settings = SampleConfig(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+      eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, stop_at_eos=stop_at_eos)
+  graphdef, params = nnx.split(model)
+  return _generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings)
