@@ -1,0 +1,104 @@
+"""Per-token log-probabilities log softmax(h W / temperature)[target], in float32.
+
+`chunked_token_logprobs` never holds more than C x V logits (C tokens per chunk),
+in the forward pass or the backward one: with V around 150k the full [B, T, V]
+float32 logits would be the largest buffer of the whole train step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK_SIZE = 512
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array, *,
+                   temperature: float = 1.0) -> jax.Array:
+  """log_softmax(logits / temperature) at targets: [B, T, V], [B, T] -> [B, T] float32."""
+  scaled_btv = logits.astype(jnp.float32) / temperature
+  picked_bt = jnp.take_along_axis(scaled_btv, targets[..., None], axis=-1)[..., 0]
+  return picked_bt - jax.nn.logsumexp(scaled_btv, axis=-1)
+
+
+def _chunk_logits(h_cd: jax.Array, w_dv: jax.Array, temperature: float) -> jax.Array:
+  """[C, V] float32 logits of one chunk: matmul in the input dtype, f32 accumulation."""
+  return jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32) / temperature
+
+
+def _forward(h_chunks, w_dv, targets_chunks, temperature):
+  """(log-probs, logsumexp), both [num_chunks, C], from h_chunks [num_chunks, C, D]."""
+
+  def one_chunk(xs):
+    h_cd, targets_c = xs
+    logits_cv = _chunk_logits(h_cd, w_dv, temperature)
+    lse_c = jax.nn.logsumexp(logits_cv, axis=-1)
+    picked_c = jnp.take_along_axis(logits_cv, targets_c[:, None], axis=-1)[:, 0]
+    return picked_c - lse_c, lse_c
+
+  return jax.lax.map(one_chunk, (h_chunks, targets_chunks))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(h_chunks, w_dv, targets_chunks, temperature):
+  return _forward(h_chunks, w_dv, targets_chunks, temperature)[0]
+
+
+def _chunked_fwd(h_chunks, w_dv, targets_chunks, temperature):
+  logps_chunks, lse_chunks = _forward(h_chunks, w_dv, targets_chunks, temperature)
+  return logps_chunks, (h_chunks, w_dv, targets_chunks, lse_chunks)
+
+
+def _chunked_bwd(temperature, residuals, g_chunks):
+  """d logp_c / d logits_cv = (onehot(target_c) - softmax_cv) / temperature, per chunk.
+
+  The logits are recomputed chunk by chunk; d W is accumulated in float32.
+  """
+  h_chunks, w_dv, targets_chunks, lse_chunks = residuals
+  vocab = w_dv.shape[1]
+
+  def one_chunk(dw_dv, xs):
+    h_cd, targets_c, lse_c, g_c = xs
+    probs_cv = jnp.exp(_chunk_logits(h_cd, w_dv, temperature) - lse_c[:, None])
+    onehot_cv = jax.nn.one_hot(targets_c, vocab, dtype=jnp.float32)
+    dlogits_cv = (onehot_cv - probs_cv) * (g_c / temperature)[:, None]
+    dh_cd = jnp.dot(dlogits_cv.astype(w_dv.dtype), w_dv.T, preferred_element_type=jnp.float32)
+    dw_dv = dw_dv + jnp.dot(h_cd.T, dlogits_cv.astype(h_cd.dtype),
+                            preferred_element_type=jnp.float32)
+    return dw_dv, dh_cd.astype(h_cd.dtype)
+
+  dw_dv, dh_chunks = jax.lax.scan(
+      one_chunk, jnp.zeros(w_dv.shape, jnp.float32), (h_chunks, targets_chunks, lse_chunks, g_chunks))
+  return dh_chunks, dw_dv.astype(w_dv.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_token_logprobs(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array, *,
+                           temperature: float = 1.0,
+                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+  """token_logprobs(hidden @ w_unembed, targets) without [B, T, V] logits.
+
+  Args:
+    hidden: [B, T, D] final-norm hidden states, any float dtype.
+    w_unembed: [D, V] output projection (a tied model passes embedding.T).
+    targets: [B, T] int token ids.
+    temperature: a Python float (static).
+    chunk_size: C, tokens per chunk; B*T is padded up to a multiple of it.
+
+  Returns:
+    [B, T] float32 log-probs. Differentiable in hidden and w_unembed; the
+    backward pass is chunked the same way.
+  """
+  lead = targets.shape
+  h_flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
+  total = h_flat.shape[0]
+  chunk = max(1, min(chunk_size, total))
+  pad = -total % chunk
+  h_chunks = jnp.pad(h_flat, ((0, pad), (0, 0))).reshape(-1, chunk, h_flat.shape[1])
+  targets_chunks = jnp.pad(targets.reshape(-1), (0, pad)).reshape(-1, chunk)
+  logps_chunks = _chunked(h_chunks, w_unembed, targets_chunks, float(temperature))
+  return logps_chunks.reshape(-1)[:total].reshape(lead)
