@@ -4,6 +4,8 @@ import logging
 import threading
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -129,6 +131,12 @@ def test_word_scripts():
   assert language.target_scripts("日本語で答えてください") == {"Han", "Kana"}
   assert language.target_scripts("用中文回答这个问题 please") == {"Han"}
   assert language.target_scripts("2 + 2 = ?") == frozenset()
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.text(alphabet="ab Zé\u0301x1_.,我のДा\u094d\u0915\n$", max_size=40))
+def test_word_scripts_fast_path_matches_char_by_char(text):
+  assert language.word_scripts(text) == language._run_scripts(language._MATH.sub(" ", text))
 
 
 @pytest.mark.parametrize("prompt, completion, expected", [

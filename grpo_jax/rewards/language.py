@@ -16,6 +16,7 @@ another language than the question moves the target to that language.
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import unicodedata
 
@@ -23,8 +24,10 @@ from grpo_jax.rewards import extract
 
 _MATH = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+", re.DOTALL)
 _UNSPACED = frozenset({"Han", "Kana", "Thai"})
+_ASCII_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def script(char: str) -> str | None:
   """The script of a letter ("Latin", "Han", "Kana", "Cyrillic", ...); None if unnamed."""
   words = unicodedata.name(char, "").split()
@@ -39,11 +42,11 @@ def script(char: str) -> str | None:
   return words[0].title()
 
 
-def word_scripts(text: str) -> list[str]:
-  """The script of each counted word token of `text`, in order."""
+def _run_scripts(text: str) -> list[str]:
+  """The script of each counted word token of `text`, character by character."""
   scripts: list[str] = []
   run_script, run_len = None, 0
-  for char in _MATH.sub(" ", text) + " ":
+  for char in text + " ":
     category = unicodedata.category(char)
     if category[0] == "M" and run_script is not None:
       continue
@@ -53,6 +56,17 @@ def word_scripts(text: str) -> list[str]:
         scripts.append(run_script)
       run_script, run_len = char_script, 0
     run_len += 1
+  return scripts
+
+
+def word_scripts(text: str) -> list[str]:
+  """The script of each counted word token of `text`, in order."""
+  scripts: list[str] = []
+  for chunk in _MATH.sub(" ", text).split():  # No token spans whitespace.
+    if chunk.isascii():  # The common case, quickly: ASCII letter runs are Latin tokens.
+      scripts += ["Latin"] * len(_ASCII_WORD.findall(chunk))
+    else:
+      scripts += _run_scripts(chunk)
   return scripts
 
 
