@@ -9,7 +9,9 @@ from __future__ import annotations
 import pathlib
 import random
 
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>")
+# <|endoftext|> is there because transformers' AutoTokenizer loads a qwen2 dir as
+# Qwen2Tokenizer, which adds it as unk when missing (an id past the model's vocab).
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -40,8 +42,11 @@ def _corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
 def make_tokenizer(directory: str | pathlib.Path, *, vocab_size: int = 384):
   """Trains a byte-level BPE on a local corpus; saves tokenizer.json + tokenizer_config.json.
 
-  Specials: <pad> (0), <eos> (1), <bos> (2), <|im_start|>, <|im_end|>; a ChatML-like template.
-  Returns the transformers.PreTrainedTokenizerFast.
+  Specials: <pad> (0), <eos> (1), <bos> (2), <|im_start|>, <|im_end|>, <|endoftext|>; a
+  ChatML-like template. Returns the transformers.PreTrainedTokenizerFast. Next to a qwen2
+  config, AutoTokenizer gives a Qwen2Tokenizer over the same vocab that pre-splits digits,
+  so its ids for the same text can differ; load with PreTrainedTokenizerFast(tokenizer_file=...)
+  where exact ids matter.
   """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
