@@ -61,12 +61,6 @@ def eos_token_ids(tokenizer, model: models.Transformer) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-def pad_token_id(tokenizer) -> int:
-  if tokenizer.pad_token_id is not None:
-    return int(tokenizer.pad_token_id)
-  return int(tokenizer.eos_token_id or 0)
-
-
 def load_rows(cfg: config_lib.Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """(train rows, held-out eval rows)."""
   seed = cfg.train.seed

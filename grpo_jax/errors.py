@@ -36,14 +36,3 @@ def exit_on_user_error(fn: F) -> F:
 
   return wrapper  # type: ignore[return-value]
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing for entry points: a bad flag is one `error:` line and exit 2."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    msg = " ".join(str(e).split())
-    print(f"error: {msg}; see --helpfull for the allowed flags", file=sys.stderr)
-    sys.exit(2)

@@ -19,22 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from grpo_jax import checkpoint as checkpoint_lib
+from grpo_jax import cli
 from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import mesh as mesh_lib
 from grpo_jax import metrics as metrics_lib
+from grpo_jax import models
 from grpo_jax import scoring
 from grpo_jax import sft as sft_lib
 from grpo_jax import train_step as train_step_lib
-from grpo_jax.errors import UserError, exit_on_user_error, parse_flags
+from grpo_jax.errors import UserError, exit_on_user_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.")
-flags.DEFINE_bool("debug", False, "Show Python tracebacks for user errors.")
 
 
 class StopRequest:
@@ -65,7 +64,7 @@ def step_config(cfg: config_lib.Config, scorer, tokenizer, model) -> train_step_
       max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
       top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
       eos_token_ids=components.eos_token_ids(tokenizer, model),
-      pad_token_id=components.pad_token_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos,
+      pad_token_id=data_lib.pad_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos,
       reward_names=scorer.names)
 
 
@@ -95,11 +94,13 @@ class Trainer:
         warmup_steps=cfg.train.warmup_steps, schedule=cfg.train.lr_schedule,
         max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay,
         b1=cfg.train.adam_b1, b2=cfg.train.adam_b2, eps=cfg.train.adam_eps)
+    self.mesh = mesh_lib.make_mesh(cfg.mesh.shape)
     self.graphdef, params = nnx.split(model)
-    self.state = train_step_lib.init_state(params, self.tx, beta=cfg.grpo.beta,
-                                           seed=cfg.train.seed)
-    self.train_step = train_step_lib.make_train_step(self.graphdef, self.tx, self.lr_schedule,
-                                                     self.step_cfg, self.scorer)
+    self.state = self.new_state(params)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    self.train_step = train_step_lib.make_train_step(
+        self.graphdef, self.tx, self.lr_schedule, self.step_cfg, self.scorer,
+        state_shardings=self.state_shardings, metrics_sharding=mesh_lib.replicated(self.mesh))
     eval_temp = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampler.temperature
     self.sample_fn = evaluate_lib.make_sample_fn(
         self.graphdef, max_new_tokens=eval_n, temperature=eval_temp, top_p=cfg.sampler.top_p,
@@ -113,6 +114,14 @@ class Trainer:
                                             tensorboard=cfg.logging.tensorboard)
 
   # -- pieces ------------------------------------------------------------------------------
+
+  def new_state(self, params) -> train_step_lib.TrainState:
+    """A train state around params, laid out on the mesh (params by the logical-axis rules;
+    the optimizer state follows them)."""
+    params = jax.device_put(params, mesh_lib.param_shardings(params, self.mesh))
+    init = jax.jit(lambda p: train_step_lib.init_state(p, self.tx, beta=self.cfg.grpo.beta,
+                                                       seed=self.cfg.train.seed))
+    return init(params)
 
   def batch(self) -> train_step_lib.Batch:
     ids = self.stream.next()
@@ -148,8 +157,9 @@ class Trainer:
     step = self.ckpt.latest_step()
     if step is None:
       return -1
-    abstract = jax.eval_shape(lambda: self.state)
-    self.state, meta = self.ckpt.restore(step, abstract)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+    self.state, meta = self.ckpt.restore(abstract, step=step)
     self.stream.restore(meta["data"])
     self.writer.truncate_after(step)
     logging.info("resumed from %s/checkpoints/%d", self.workdir, step)
@@ -161,8 +171,7 @@ class Trainer:
       return
     params = sft_lib.train(self.cfg, self.tokenizer, self.graphdef, self.state.params,
                            self.writer)
-    self.state = train_step_lib.init_state(params, self.tx, beta=self.cfg.grpo.beta,
-                                           seed=self.cfg.train.seed)
+    self.state = self.new_state(params)
 
   # -- the loop ----------------------------------------------------------------------------
 
@@ -229,6 +238,9 @@ class Trainer:
   def _finish(self, first_eval, final_eval) -> None:
     if not self.is_main:
       return
+    out_dir = f"{self.workdir}/hf"
+    models.save_pretrained(nnx.merge(self.graphdef, self.state.params), out_dir)
+    self.tokenizer.save_pretrained(out_dir)
     self._print_eval("after GRPO", final_eval)
     if first_eval and final_eval:
       gain = 100 * (final_eval["eval/pass@1"] - first_eval["eval/pass@1"])
@@ -254,8 +266,9 @@ def run(config, workdir: str | None) -> dict[str, Any]:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  run(_CONFIG.value, _WORKDIR.value)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.define_flags()
+  cli.run_main(main)

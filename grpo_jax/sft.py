@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
+from grpo_jax import cli
 from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
@@ -27,10 +27,8 @@ from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
 from grpo_jax import train_step as train_step_lib
-from grpo_jax.errors import UserError, exit_on_user_error, parse_flags
+from grpo_jax.errors import UserError, exit_on_user_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file: configs/<name>.py[:arg].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics and the final model.")
 
 
 def response_of(row: dict[str, Any]) -> str:
@@ -53,8 +51,8 @@ def sft_rows(cfg: config_lib.Config) -> list[dict[str, Any]]:
 def nll_loss(graphdef, params, tokens, loss_mask, attention_mask) -> jax.Array:
   """Mean NLL of tokens [B, T] where loss_mask is 1 (token t predicted from t - 1)."""
   model = nnx.merge(graphdef, params)
-  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
-  h_btd, _ = model.hidden(tokens, positions=positions, attention_mask=attention_mask)
+  h_btd, _ = model.hidden(tokens, positions=models.positions_from_mask(attention_mask),
+                          attention_mask=attention_mask)
   logps = logprobs_lib.chunked_token_logprobs(h_btd[:, :-1], model.unembed(), tokens[:, 1:])
   mask = loss_mask[:, 1:].astype(jnp.float32)
   return -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -66,7 +64,7 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(nll_loss, argnums=1)(graphdef, params, tokens, loss_mask,
                                                           attention_mask)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
   return sft_step
 
@@ -131,8 +129,9 @@ def run(config, workdir: str | None) -> str:
 
 def main(argv) -> None:
   del argv
-  print(run(_CONFIG.value, _WORKDIR.value))
+  print(run(flags.FLAGS.config, flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.define_flags()
+  cli.run_main(main)

@@ -29,6 +29,7 @@ from jax.experimental import io_callback
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import loss as loss_lib
+from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
 
 
@@ -126,7 +127,7 @@ def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: i
       params=params,
       opt_state=tx.init(params),
       ref_params=jax.tree.map(jnp.copy, params) if beta > 0 else None,
-      key=jax.random.key(seed),
+      key=jax.random.PRNGKey(seed),  # raw uint32 key: checkpoints as a plain array
   )
 
 
@@ -138,8 +139,8 @@ def completion_logps(graphdef, params, seq_tokens, seq_mask, prompt_len: int,
   so that [R, N, V] float32 logits never exist.
   """
   model = nnx.merge(graphdef, params)
-  positions = jnp.maximum(jnp.cumsum(seq_mask, axis=-1) - 1, 0).astype(jnp.int32)
-  h_rsd, _ = model.hidden(seq_tokens, positions=positions, attention_mask=seq_mask)
+  h_rsd, _ = model.hidden(seq_tokens, positions=models.positions_from_mask(seq_mask),
+                          attention_mask=seq_mask)
   h_rnd = h_rsd[:, prompt_len - 1:-1]
   return logprobs_lib.chunked_token_logprobs(
       h_rnd, model.unembed(), seq_tokens[:, prompt_len:], temperature=temperature)
@@ -147,8 +148,13 @@ def completion_logps(graphdef, params, seq_tokens, seq_mask, prompt_len: int,
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, cfg: StepConfig,
-                    reward_callback: RewardCallback, *, donate: bool = True):
-  """Builds the jitted `train_step(state, batch) -> (state, metrics)`."""
+                    reward_callback: RewardCallback, *, state_shardings=None,
+                    metrics_sharding=None, donate: bool = True):
+  """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
+
+  With state_shardings the new state keeps the layout of the old one (so donation reuses
+  its buffers); metrics come back with metrics_sharding (replicated).
+  """
   num_fns = len(cfg.reward_names)
 
   def host_rewards(row_ids, tokens, mask):
@@ -251,7 +257,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux))
       (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       return (params, opt_state), dict(loss=value, grad_norm=grad_norm, **aux)
@@ -292,4 +298,5 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                               ref_params=ref_params)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  out_shardings = None if state_shardings is None else (state_shardings, metrics_sharding)
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)

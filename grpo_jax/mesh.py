@@ -1,0 +1,87 @@
+"""The device mesh (data, fsdp, tensor) and the one table mapping logical axes to it.
+
+Parameters carry logical axis names (models/transformer.py). FSDP shards the model width
+("embed") over `fsdp`; tensor parallelism shards heads, MLP width and vocab over `tensor`;
+the batch goes over (data, fsdp). A dimension that a mesh axis does not divide, or a mesh
+axis already used by another dimension of the same array, stays unsharded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (None: replicated).
+LOGICAL_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+}
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 with what fills num_devices."""
+  shape = tuple(int(s) for s in shape)
+  known = math.prod(s for s in shape if s != -1)
+  return tuple(num_devices // known if s == -1 else s for s in shape)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over the first prod(shape) devices, with Auto axes."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_shape(shape, len(devices))
+  used = math.prod(shape)
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices[:used])
+
+
+def spec_for(logical_axes: Sequence[str | None] | None, dims: Sequence[int], mesh: Mesh) -> P:
+  """The PartitionSpec of one array from its logical axis names."""
+  if not logical_axes:
+    return P()
+  out, used = [], set()
+  for name, dim in zip(logical_axes, dims):
+    axis = LOGICAL_RULES.get(name) if name else None
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+      out.append(None)
+    else:
+      out.append(axis)
+      used.add(axis)
+  return P(*out)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for an nnx.State (same structure), from each Variable's logical axes."""
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get("out_sharding")
+      return x.replace(NamedSharding(mesh, spec_for(axes, x.shape, mesh)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over (data, fsdp); everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

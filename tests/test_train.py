@@ -1,0 +1,145 @@
+"""End-to-end GRPO training on the built-in demo model: runs, learns, resumes exactly."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from grpo_jax import main as main_lib
+from grpo_jax import metrics as metrics_lib
+from grpo_jax import rejection_sample
+from grpo_jax import sft
+from configs import demo
+
+DESIGN_KEYS = ("train/loss", "train/grad_norm", "rl/reward_mean", "rl/reward_std", "rl/kl",
+               "rl/clip_ratio", "rl/completion_length", "rl/frac_zero_std_groups",
+               "perf/step_s", "perf/rollout_tokens_per_s")
+
+
+def tiny_config(**overrides):
+  """The demo config shrunk to seconds: a 1-layer model, 2 prompts x 4 completions."""
+  cfg = demo.get_config()
+  cfg.model.demo.hidden_size = 32
+  cfg.model.demo.intermediate_size = 64
+  cfg.model.demo.num_layers = 1
+  cfg.model.demo.num_heads = 2
+  cfg.model.demo.num_kv_heads = 1
+  cfg.data.source = "synthetic:arithmetic:digits=1"
+  cfg.data.prompts_per_step = 2
+  cfg.data.num_eval_rows = 4
+  cfg.grpo.num_generations = 4
+  cfg.sampler.max_new_tokens = 12
+  cfg.train.num_steps = 2
+  cfg.train.learning_rate = 1e-3
+  cfg.train.warmup_steps = 0
+  cfg.sft.num_steps = 0
+  cfg.eval.every_steps = 0
+  cfg.eval.num_prompts = 2
+  cfg.eval.k = 2
+  cfg.checkpoint.every_steps = 0
+  cfg.checkpoint.async_save = False
+  cfg.logging.tensorboard = False
+  cfg.logging.plot = False
+  cfg.mesh.shape = (1, -1, 1)
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for name in path:
+      node = node[name]
+    node[leaf] = value
+  return cfg
+
+
+def train_records(workdir):
+  return [r for r in metrics_lib.read_metrics(workdir) if "train/loss" in r]
+
+
+def test_demo_config_runs_end_to_end_with_design_metrics(tmp_path):
+  cfg = tiny_config(**{"sft.num_steps": 2, "sft.batch_size": 4, "sft.max_len": 64,
+                       "logging.plot": True})
+  final = main_lib.run(cfg, str(tmp_path))
+  records = metrics_lib.read_metrics(str(tmp_path))
+  evals = [r for r in records if "eval/pass@1" in r]
+  # One evaluation before the first GRPO step (after the SFT warm start), one at the end.
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == 2
+  assert "eval/maj@2" in final
+  steps = train_records(str(tmp_path))
+  assert [r["step"] for r in steps] == [1, 2]
+  for key in DESIGN_KEYS + ("rewards/exact_match", "rewards/format"):
+    assert key in steps[0], key
+    assert np.isfinite(steps[0][key]), key
+  assert any("sft/loss" in r for r in records)
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  assert os.path.isfile(tmp_path / "hf" / "config.json")
+  assert os.path.isfile(tmp_path / "progress.png")
+
+
+def seven_reward(prompts, completions, **unused):
+  """Test reward: the share of '7' characters in the completion."""
+  return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def test_grpo_raises_the_reward_on_a_tiny_task(tmp_path):
+  cfg = tiny_config(**{"rewards": "tests.test_train:seven_reward", "train.num_steps": 24,
+                       "train.learning_rate": 1e-2, "train.lr_schedule": "constant",
+                       "data.prompts_per_step": 4, "sampler.max_new_tokens": 8,
+                       "eval.num_prompts": 0})
+  main_lib.run(cfg, str(tmp_path))
+  rewards = [r["rl/reward_mean"] for r in train_records(str(tmp_path))]
+  assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2, rewards
+
+
+def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
+  over = {"train.lr_schedule": "constant", "grpo.beta": 0.04, "eval.num_prompts": 0}
+  main_lib.run(tiny_config(**over, **{"train.num_steps": 4}), str(tmp_path / "straight"))
+  main_lib.run(tiny_config(**over, **{"train.num_steps": 2}), str(tmp_path / "resumed"))
+  main_lib.run(tiny_config(**over, **{"train.num_steps": 4}), str(tmp_path / "resumed"))
+  straight = train_records(str(tmp_path / "straight"))
+  resumed = train_records(str(tmp_path / "resumed"))
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+  for a, b in zip(straight, resumed):
+    for key in ("train/loss", "rl/reward_mean", "rl/kl", "train/grad_norm"):
+      assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_several_updates_per_batch_with_kl_and_minibatches(tmp_path):
+  cfg = tiny_config(**{"grpo.num_iterations": 2, "grpo.beta": 0.04, "grpo.ref_reset_every": 1,
+                       "grpo.minibatches_per_iteration": 2, "train.grad_accum_steps": 1,
+                       "grpo.loss_type": "dapo", "eval.num_prompts": 0})
+  main_lib.run(cfg, str(tmp_path))
+  for r in train_records(str(tmp_path)):
+    assert np.isfinite(r["train/loss"]) and r["rl/kl"] >= 0.0
+
+
+def raising_reward(prompts, completions, **unused):
+  raise RuntimeError("reward code bug")
+
+
+def test_a_raising_reward_function_is_counted_and_the_run_goes_on(tmp_path):
+  cfg = tiny_config(**{"rewards": "tests.test_train:raising_reward,format:1",
+                       "eval.num_prompts": 0})
+  main_lib.run(cfg, str(tmp_path))
+  records = train_records(str(tmp_path))
+  assert len(records) == 2
+  assert all(r["rl/reward_failures"] == 8 for r in records)  # B*G completions each step
+
+
+def test_sft_entry_point_writes_a_hugging_face_checkpoint(tmp_path):
+  cfg = tiny_config(**{"sft.num_steps": 3, "sft.batch_size": 4, "sft.max_len": 64})
+  out = sft.run(cfg, str(tmp_path))
+  assert os.path.isfile(os.path.join(out, "config.json"))
+  assert [r for r in metrics_lib.read_metrics(str(tmp_path)) if "sft/loss" in r]
+
+
+def test_rejection_sampling_keeps_only_accepted_completions(tmp_path):
+  cfg = tiny_config(**{"rewards": "tests.test_train:seven_reward"})
+  out = str(tmp_path / "kept.jsonl")
+  summary = rejection_sample.run(cfg, out, k=4, min_reward=0.0, max_per_prompt=2,
+                                 num_prompts=3)
+  rows = [json.loads(line) for line in open(out)]
+  assert summary["kept"] == len(rows) > 0
+  assert all({"prompt", "response", "answer", "reward"} <= set(r) for r in rows)
+  # An impossible threshold keeps nothing.
+  assert rejection_sample.run(cfg, out, k=2, min_reward=2.0, max_per_prompt=1,
+                              num_prompts=3)["kept"] == 0
