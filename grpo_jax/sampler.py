@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
+from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import models
 from grpo_jax.config import DataCfg
 from grpo_jax.errors import UserError
@@ -116,16 +117,15 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 1
   the same temperature gives (the GRPO ratio's denominator). Temperature 0 is
   greedy (argmax), with the log-prob at temperature 1.
   """
-  logits_bv = logits_bv.astype(jnp.float32)
   if temperature == 0:
-    scaled_bv = logits_bv
-    tokens_b = jnp.argmax(logits_bv, axis=-1)
+    tokens_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   else:
-    scaled_bv = logits_bv / temperature
+    scaled_bv = logits_bv.astype(jnp.float32) / temperature
     tokens_b = jax.random.categorical(key, truncate_logits(scaled_bv, top_k, top_p), axis=-1)
-  tokens_b = tokens_b.astype(jnp.int32)
-  picked_b = jnp.take_along_axis(scaled_bv, tokens_b[:, None], axis=-1)[:, 0]
-  return tokens_b, picked_b - jax.nn.logsumexp(scaled_bv, axis=-1)
+    tokens_b = tokens_b.astype(jnp.int32)
+  logprobs_b = logprobs_lib.token_logprobs(logits_bv[:, None], tokens_b[:, None],
+                                           temperature=temperature or 1.0)[:, 0]
+  return tokens_b, logprobs_b
 
 
 def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
@@ -147,7 +147,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
     return tokens_b, logprobs_b, done_b
 
   # Prefill: one forward over the prompts; the last column is every row's last token.
-  positions_bt = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+  positions_bt = models.positions_from_mask(prompt_mask)
   cache = models.init_cache(model.config, b, t + n)
   h_btd, cache = model.hidden(prompt_tokens, positions=positions_bt, attention_mask=prompt_mask,
                               cache=cache, cache_index=0)
@@ -192,7 +192,9 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
 
 
 @jax.jit(static_argnames=("settings",))
-def _generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings):
+def generate_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: jax.Array,
+                 prompt_mask: jax.Array, key: jax.Array, settings: SampleConfig) -> SamplerOutput:
+  """`generate_from` compiled over the split model (graphdef static, params traced)."""
   return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings)
 
 
@@ -209,4 +211,4 @@ def generate(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: j
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, stop_at_eos=stop_at_eos)
   graphdef, params = nnx.split(model)
-  return _generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings)
+  return generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings)
