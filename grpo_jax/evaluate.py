@@ -18,17 +18,13 @@ from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 
 
-def make_sample_fn(graphdef, *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                   top_k: int = 0, eos_token_ids: tuple[int, ...] = (), pad_token_id: int = 0):
+def make_sample_fn(graphdef, settings: sampler_lib.SampleConfig):
   """jit: (params, prompt_tokens [R, T], prompt_mask [R, T], key) -> (tokens, mask) [R, N]."""
 
   @jax.jit
   def sample(params, prompt_tokens, prompt_mask, key):
-    model = nnx.merge(graphdef, params)
-    out = sampler_lib.generate(
-        model, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids,
-        pad_token_id=pad_token_id)
+    out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
+                                    settings)
     return out.tokens, out.mask.astype(jnp.int32)
 
   return sample

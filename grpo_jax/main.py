@@ -8,15 +8,13 @@ SIGINT finishes the current step, checkpoints it and exits 0.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import signal
-import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
@@ -29,6 +27,7 @@ from grpo_jax import evaluate as evaluate_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
+from grpo_jax import sampler
 from grpo_jax import scoring
 from grpo_jax import sft as sft_lib
 from grpo_jax import train_step as train_step_lib
@@ -61,10 +60,11 @@ def step_config(cfg: config_lib.Config, scorer, tokenizer, model) -> train_step_
       loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
       scale_rewards=g.scale_rewards, drop_zero_std_groups=g.drop_zero_std_groups,
       mask_truncated_completions=g.mask_truncated_completions, ref_reset_every=g.ref_reset_every,
-      max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
-      top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
-      eos_token_ids=components.eos_token_ids(tokenizer, model),
-      pad_token_id=data_lib.pad_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos,
+      sampling=sampler.SampleConfig(
+          max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
+          top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
+          eos_token_ids=components.eos_token_ids(tokenizer, model),
+          pad_token_id=data_lib.pad_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos),
       reward_names=scorer.names)
 
 
@@ -102,10 +102,8 @@ class Trainer:
         self.graphdef, self.tx, self.lr_schedule, self.step_cfg, self.scorer,
         state_shardings=self.state_shardings, metrics_sharding=mesh_lib.replicated(self.mesh))
     eval_temp = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampler.temperature
-    self.sample_fn = evaluate_lib.make_sample_fn(
-        self.graphdef, max_new_tokens=eval_n, temperature=eval_temp, top_p=cfg.sampler.top_p,
-        top_k=cfg.sampler.top_k, eos_token_ids=self.step_cfg.eos_token_ids,
-        pad_token_id=self.step_cfg.pad_token_id)
+    self.sample_fn = evaluate_lib.make_sample_fn(self.graphdef, dataclasses.replace(
+        self.step_cfg.sampling, max_new_tokens=eval_n, temperature=eval_temp, stop_at_eos=True))
     self.stream = data_lib.PromptStream(list(range(len(self.train_rows))),
                                         cfg.data.prompts_per_step, cfg.train.seed)
     self.ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep,

@@ -26,6 +26,7 @@ from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import sampler
 from grpo_jax import scoring
 from grpo_jax.errors import UserError, exit_on_user_error
 
@@ -61,11 +62,11 @@ def run(config, out: str | None, *, k: int, min_reward: float | None, max_per_pr
   if min_reward is None:
     min_reward = sum(s.weight for s in specs if s.weight > 0)
   graphdef, params = nnx.split(model)
-  sample_fn = evaluate_lib.make_sample_fn(
-      graphdef, max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
+  sample_fn = evaluate_lib.make_sample_fn(graphdef, sampler.SampleConfig(
+      max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
       top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
       eos_token_ids=components.eos_token_ids(tokenizer, model),
-      pad_token_id=data_lib.pad_id(tokenizer))
+      pad_token_id=data_lib.pad_id(tokenizer)))
   texts, lengths = evaluate_lib.sample_completions(
       sample_fn, params, tokenizer, rows, k, jax.random.key(cfg.train.seed),
       buckets=cfg.data.prompt_buckets, max_prompt_len=cfg.data.max_prompt_len,

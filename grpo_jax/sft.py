@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import flags, logging
 from flax import nnx

@@ -67,13 +67,7 @@ class StepConfig:
   drop_zero_std_groups: bool = False
   mask_truncated_completions: bool = False
   ref_reset_every: int = 0
-  max_new_tokens: int = 64  # N
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  eos_token_ids: tuple[int, ...] = ()
-  pad_token_id: int = 0
-  stop_at_eos: bool = True
+  sampling: sampler_lib.SampleConfig = sampler_lib.SampleConfig(max_new_tokens=64)
   reward_names: tuple[str, ...] = ()
 
   @property
@@ -166,20 +160,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     g = cfg.num_generations
     b, t = batch.prompt_tokens.shape
     r = b * g  # rows
-    n = cfg.max_new_tokens
+    n = cfg.sampling.max_new_tokens
     key = jax.random.fold_in(state.key, state.step)
 
     # 1. Rollout: G completions per prompt from pi_old (the current params).
     prompt_tokens = jnp.repeat(batch.prompt_tokens, g, axis=0)  # [R, T]
     prompt_mask = jnp.repeat(batch.prompt_mask, g, axis=0)
     policy = nnx.merge(graphdef, state.params)
-    out = sampler_lib.generate(
-        policy, prompt_tokens, prompt_mask, key, max_new_tokens=n, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=cfg.eos_token_ids,
-        pad_token_id=cfg.pad_token_id, stop_at_eos=cfg.stop_at_eos)
+    out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, cfg.sampling)
     completion_mask = out.mask.astype(jnp.int32)  # [R, N]
     lengths = completion_mask.sum(-1)
-    eos_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+    eos_ids = jnp.asarray(cfg.sampling.eos_token_ids or (-1,), jnp.int32)
     finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (completion_mask > 0), axis=-1)  # [R]
 
     # 2. Rewards on the host, from inside the compiled step.
@@ -204,7 +195,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     seq_tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)  # [R, T + N]
     seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     logps_of = lambda params: jax.lax.stop_gradient(
-        completion_logps(graphdef, params, seq_tokens, seq_mask, t, cfg.temperature))
+        completion_logps(graphdef, params, seq_tokens, seq_mask, t, cfg.sampling.temperature))
     old_logps = logps_of(state.params) if cfg.needs_old_logps else None
     ref_logps = logps_of(state.ref_params) if cfg.beta > 0 else None
 
@@ -221,7 +212,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def micro_loss(params, micro, minibatch_tokens, minibatch_kept_rows):
       logps = completion_logps(graphdef, params, micro["seq_tokens"], micro["seq_mask"], t,
-                               cfg.temperature)
+                               cfg.sampling.temperature)
       loss_type, num_items = cfg.loss_type, None
       if cfg.loss_type in ("bnpo", "dapo"):
         # Token-level normalisers are global over the minibatch: sum over micro-batches.
