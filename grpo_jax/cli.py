@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grpo_jax.errors import exit_on_user_error
@@ -35,4 +35,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:
-  app.run(main, flags_parser=parse_flags)
+  """app.run with our flag parsing; library INFO logs (Orbax's) are hidden unless --debug."""
+
+  def quiet_main(argv):
+    if not flags.FLAGS.debug:
+      logging.set_verbosity(logging.WARNING)
+    main(argv)
+
+  app.run(quiet_main, flags_parser=parse_flags)

@@ -160,7 +160,8 @@ class Trainer:
     self.state, meta = self.ckpt.restore(abstract, step=step)
     self.stream.restore(meta["data"])
     self.writer.truncate_after(step)
-    logging.info("resumed from %s/checkpoints/%d", self.workdir, step)
+    if self.is_main:
+      print(f"resumed from {self.workdir}/checkpoints/{step}", flush=True)
     return step
 
   def warm_start(self) -> None:
@@ -191,13 +192,14 @@ class Trainer:
     step = start
     while step < cfg.train.num_steps:
       batch = self.batch()
-      t0 = time.perf_counter()
+      t0, reward_s0 = time.perf_counter(), self.scorer.seconds
       self.state, metrics = self.train_step(self.state, batch)
       metrics = jax.device_get(metrics)
       step_s = time.perf_counter() - t0
       step += 1
       record = {k: float(v) for k, v in metrics.items()}
       record["perf/step_s"] = step_s
+      record["perf/reward_s"] = self.scorer.seconds - reward_s0
       record["perf/rollout_tokens_per_s"] = record.pop("perf/rollout_tokens") / step_s
       self._check_finite(step, record)
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:

@@ -6,6 +6,7 @@ all three score the same way.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ class Scorer:
 
   `scorer(row_ids [B], tokens [B*G, N], mask [B*G, N])` -> (total [B*G], per-function
   [F, B*G] with NaN for no score, number of failed reward calls). Completion i belongs to
-  row row_ids[i // G].
+  row row_ids[i // G]. `seconds` accumulates the wall time spent scoring (decode included),
+  which the trainer logs per step as "perf/reward_s".
   """
 
   def __init__(self, tokenizer, rows: Sequence[dict[str, Any]], specs, *, max_new_tokens: int,
@@ -29,6 +31,7 @@ class Scorer:
     self.specs = tuple(specs)
     self.max_new_tokens = max_new_tokens
     self.timeout_s = timeout_s
+    self.seconds = 0.0
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -50,6 +53,13 @@ class Scorer:
     return data_lib.decode_completions(self.tokenizer, tokens, mask)
 
   def __call__(self, row_ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray):
+    start = time.perf_counter()
+    try:
+      return self._score(row_ids, tokens, mask)
+    finally:
+      self.seconds += time.perf_counter() - start
+
+  def _score(self, row_ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray):
     group_size = tokens.shape[0] // row_ids.shape[0]
     rows = [self.rows[int(i)] for i in np.repeat(row_ids, group_size)]
     result = self.score_texts(rows, self.decode(tokens, mask), mask.sum(-1))

@@ -161,6 +161,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     b, t = batch.prompt_tokens.shape
     r = b * g  # rows
     n = cfg.sampling.max_new_tokens
+    temperature = cfg.sampling.temperature or 1.0  # greedy: log-probs at temperature 1
     key = jax.random.fold_in(state.key, state.step)
 
     # 1. Rollout: G completions per prompt from pi_old (the current params).
@@ -195,7 +196,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     seq_tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)  # [R, T + N]
     seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     logps_of = lambda params: jax.lax.stop_gradient(
-        completion_logps(graphdef, params, seq_tokens, seq_mask, t, cfg.sampling.temperature))
+        completion_logps(graphdef, params, seq_tokens, seq_mask, t, temperature))
     old_logps = logps_of(state.params) if cfg.needs_old_logps else None
     ref_logps = logps_of(state.ref_params) if cfg.beta > 0 else None
 
@@ -212,7 +213,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def micro_loss(params, micro, minibatch_tokens, minibatch_kept_rows):
       logps = completion_logps(graphdef, params, micro["seq_tokens"], micro["seq_mask"], t,
-                               cfg.sampling.temperature)
+                               temperature)
       loss_type, num_items = cfg.loss_type, None
       if cfg.loss_type in ("bnpo", "dapo"):
         # Token-level normalisers are global over the minibatch: sum over micro-batches.

@@ -105,7 +105,7 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
 
 def test_several_updates_per_batch_with_kl_and_minibatches(tmp_path):
   cfg = tiny_config(**{"grpo.num_iterations": 2, "grpo.beta": 0.04, "grpo.ref_reset_every": 1,
-                       "grpo.minibatches_per_iteration": 2, "train.grad_accum_steps": 1,
+                       "grpo.minibatches_per_iteration": 2, "data.prompts_per_step": 4,
                        "grpo.loss_type": "dapo", "eval.num_prompts": 0})
   main_lib.run(cfg, str(tmp_path))
   for r in train_records(str(tmp_path)):
@@ -143,3 +143,18 @@ def test_rejection_sampling_keeps_only_accepted_completions(tmp_path):
   # An impossible threshold keeps nothing.
   assert rejection_sample.run(cfg, out, k=2, min_reward=2.0, max_per_prompt=1,
                               num_prompts=3)["kept"] == 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gradient_accumulation_gives_the_update_of_one_big_batch(tmp_path, loss_type):
+  # Same key, so the same rollout; accumulating 2 micro-batches must match one batch, also
+  # with zero-variance groups dropped (their rows leave the normalisers).
+  over = {"grpo.loss_type": loss_type, "grpo.drop_zero_std_groups": True,
+          "data.prompts_per_step": 4, "train.num_steps": 1, "eval.num_prompts": 0,
+          "mesh.shape": (1, 1, 8)}
+  main_lib.run(tiny_config(**over), str(tmp_path / "one"))
+  main_lib.run(tiny_config(**over, **{"train.grad_accum_steps": 2}), str(tmp_path / "acc"))
+  one, acc = train_records(str(tmp_path / "one"))[0], train_records(str(tmp_path / "acc"))[0]
+  assert one["rl/reward_mean"] == acc["rl/reward_mean"]
+  for key in ("train/loss", "train/grad_norm"):
+    assert one[key] == pytest.approx(acc[key], rel=1e-4, abs=1e-7), key
