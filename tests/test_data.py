@@ -80,6 +80,22 @@ def _evaluate(node):
   return ops[type(node.op)](_evaluate(node.left), _evaluate(node.right))
 
 
+def test_arithmetic_wrong_answers_corrupt_only_the_sft_target():
+  clean = data.load_rows("synthetic:arithmetic:digits=2", num_rows=400)
+  noisy = data.load_rows("synthetic:arithmetic:digits=2,wrong_answers=40", num_rows=2000)
+  assert not any("sft_answer" in r for r in clean)
+  wrong = [r for r in noisy if "sft_answer" in r]
+  assert 0.35 < len(wrong) / len(noisy) < 0.45
+  for r in wrong[:50]:
+    # The reward's answer stays true; the worked solution stays right; only the final
+    # answer of the SFT target is off by 1 or 10.
+    assert r["reasoning"].endswith("=" + r["answer"])
+    assert abs(int(r["sft_answer"]) - int(r["answer"])) in (1, 10)
+    assert data.sft_target(r).endswith(f"<answer>\n{r['sft_answer']}\n</answer>")
+  with pytest.raises(UserError, match="wrong_answers"):
+    data.load_rows("synthetic:arithmetic:wrong_answers=101")
+
+
 def test_countdown_targets_reachable():
   rows = data.load_rows("synthetic:countdown", num_rows=300, seed=2)
   assert {len(r["numbers"]) for r in rows} == {3, 4}

@@ -199,10 +199,11 @@ def split_eval(rows: list[dict], num_eval: int, seed: int) -> tuple[list[dict], 
 def sft_target(row: dict) -> str:
   """The SFT warm-start completion: reasoning in <think>, the answer in <answer>.
 
-  Countdown rows answer with their "solution" expression rather than the target.
+  Countdown rows answer with their "solution" expression rather than the target; rows
+  with an "sft_answer" (synthetic:arithmetic's wrong_answers option) answer with it.
   """
   if "reasoning" not in row:
     raise UserError("the SFT warm start needs a \"reasoning\" column in every row;"
                     " synthetic tasks and GSM8K have one")
-  answer = row.get("solution", row["answer"])
+  answer = row.get("solution", row.get("sft_answer", row["answer"]))
   return f"<think>\n{row['reasoning']}\n</think>\n<answer>\n{answer}\n</answer>"

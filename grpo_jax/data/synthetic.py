@@ -28,14 +28,24 @@ _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.f
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticOptions:
-  """digits: operands have 1..digits digits; ops: any of "+-*" (`*` by one digit)."""
+  """digits: operands have 1..digits digits; ops: any of "+-*" (`*` by one digit).
+
+  wrong_answers: the percentage of rows whose SFT target ends in a wrong final answer
+  (the true one off by 1 or 10) after a correct worked solution, like unverified
+  cold-start data. Only the SFT target ("sft_answer") is wrong; "answer", which the
+  rewards check, stays true.
+  """
 
   digits: int = 3
   ops: str = "+-"
+  wrong_answers: int = 0
 
   def __post_init__(self):
     if not 1 <= self.digits <= 9:
       raise UserError(f"synthetic:arithmetic digits={self.digits} is out of range; allowed 1..9")
+    if not 0 <= self.wrong_answers <= 100:
+      raise UserError(f"synthetic:arithmetic wrong_answers={self.wrong_answers} is out of range;"
+                      " allowed 0..100 (percent)")
     if not self.ops or set(self.ops) - set("+-*"):
       raise UserError(f"synthetic:arithmetic ops={self.ops!r} is invalid;"
                       " allowed: a non-empty mix of + - *")
@@ -105,8 +115,11 @@ def arithmetic_row(rng: random.Random, options: ArithmeticOptions) -> dict:
   expr = f"{a}{op}{b}"
   answer = str(_OPS[op](a, b))
   reasoning = "\n".join(_column_lines(a, b, op) + [f"{expr}={answer}"])
-  return {"prompt": f"Compute {expr}.\n{INSTRUCTION}", "answer": answer,
-          "task": "arithmetic", "reasoning": reasoning}
+  row = {"prompt": f"Compute {expr}.\n{INSTRUCTION}", "answer": answer,
+         "task": "arithmetic", "reasoning": reasoning}
+  if options.wrong_answers and rng.random() < options.wrong_answers / 100:
+    row["sft_answer"] = str(int(answer) + rng.choice((-10, -1, 1, 10)))
+  return row
 
 
 def _combine(rng: random.Random, x: tuple[int, str],
