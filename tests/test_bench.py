@@ -1,5 +1,8 @@
-"""Benchmark entry point: the sampler benchmark's figures, the Qwen2.5-0.5B shape, errors."""
+"""Benchmarks: the sampler's and the step's figures, scaling sweeps, the TRL side, errors."""
 
+import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -8,10 +11,15 @@ import pytest
 from flax import nnx
 
 from grpo_jax import bench
+from grpo_jax import bench_trl
+from grpo_jax import config as config_lib
 from grpo_jax import models
+from tests import tiny_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_sampler_bench_counts_bytes_and_times_steady_calls():
@@ -36,9 +44,81 @@ def test_qwen_shape_has_transformers_parameter_count():
   assert ours == sum(p.numel() for p in hf.parameters())
 
 
+def test_scaling_varies_one_size_at_a_time_and_measures_each_config_once(monkeypatch, tmp_path):
+  seen = []
+
+  def fake_step(cfg, workdir, args):
+    del workdir
+    assert not args.pieces
+    seen.append((cfg.grpo.num_generations, cfg.sampler.max_new_tokens, cfg.data.prompts_per_step))
+    return {"step_s": float(len(seen)), "compile_s": 0.0, "step_rollout_tokens_per_s": 1.0}
+
+  monkeypatch.setattr(bench, "bench_step", fake_step)
+  base = config_lib.defaults()
+  base.data.prompts_per_step, base.grpo.num_generations, base.sampler.max_new_tokens = 4, 2, 4
+  table = bench.bench_scaling(base, str(tmp_path), bench.StepArgs(1, 0),
+                              {"G": [2, 4], "N": [4, 8], "B": [4]})
+  assert [(r["vary"], r["G"], r["N"], r["B"]) for r in table] == [
+      ("G", 2, 4, 4), ("G", 4, 4, 4), ("N", 2, 4, 4), ("N", 2, 8, 4), ("B", 2, 4, 4)]
+  assert seen == [(2, 4, 4), (4, 4, 4), (2, 8, 4)]  # the base config once
+  assert table[0]["step_s"] == table[2]["step_s"] == table[4]["step_s"]
+
+
+def test_trl_venv_installs_cpu_torch_before_trl(monkeypatch, tmp_path):
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    del kwargs
+    calls.append(cmd)
+    return subprocess.CompletedProcess(cmd, 1 if cmd[1] == "-c" else 0)
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  python = bench.ensure_trl_venv(str(tmp_path / "venv"))
+  assert python == str(tmp_path / "venv" / "bin" / "python")
+  installs = [c[c.index("install") + 1:] for c in calls if "install" in c]
+  assert installs == [["--quiet", "--index-url", bench.TORCH_CPU_INDEX, "torch==2.13.0"],
+                      ["--quiet", "trl==1.16.0", "torch==2.13.0"]]
+
+
+def test_child_peak_memory_is_its_own():
+  big = bytearray(300 << 20)  # this process's peak is over 300 MiB
+  child = subprocess.run(
+      [sys.executable, "-c", "from grpo_jax import bench_trl; print(bench_trl.peak_rss_bytes())"],
+      capture_output=True, text=True, check=True, cwd=REPO)
+  assert int(child.stdout) < bench_trl.peak_rss_bytes() - (200 << 20)
+  del big
+
+
+def test_trl_comparison_command_runs_both_trainers(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: quicker
+  model = tiny_hf.make_checkpoint("qwen2", tmp_path / "model")
+  data = tmp_path / "prompts.jsonl"
+  bench_trl.write_prompts(str(data), num_rows=8)
+  out = tmp_path / "out.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "grpo_jax.bench", "--what=trl",
+       f"--config=configs/hf.py:model={model},data={data}", "--config.data.num_eval_rows=0",
+       "--config.data.prompts_per_step=2", "--config.grpo.num_generations=2",
+       "--config.sampler.max_new_tokens=4", "--steps=1", "--warmup=0",
+       f"--workdir={tmp_path / 'work'}", f"--out={out}"],
+      capture_output=True, text=True, check=False, cwd=REPO, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["config"]["sampler"]["stop_at_eos"] is False
+  assert r["config"]["rewards"] == bench.SHARED_REWARD
+  assert r["speedup"] == pytest.approx(r["trl"]["step_s"] / r["grpo_jax"]["step_s"])
+  assert len(r["trl"]["step_times_s"]) == 1 and r["trl"]["sampling_s"] > 0
+  ours = r["grpo_jax"]
+  assert ours["logps_passes"] == 1  # beta > 0: the reference's; mu = 1: no pi_old pass
+  assert ours["other_s"] == pytest.approx(
+      ours["step_s"] - ours["sampling_s"] - ours["logps_s"] - ours["update_s"] - ours["reward_s"])
+  assert ours["rollout_tokens_per_s"] == pytest.approx(2 * 2 * 4 / ours["sampling_s"])
+  assert "grpo_jax vs TRL" in proc.stdout
+
+
 def test_bad_model_flag_is_one_error_line():
-  proc = subprocess.run([sys.executable, "-m", "grpo_jax.bench", "--model=/no/such/dir"],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run([sys.executable, "-m", "grpo_jax.bench", "--what=sampler",
+                         "--model=/no/such/dir"], capture_output=True, text=True, check=False)
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert errors == ["error: --model='/no/such/dir' is not allowed: demo | qwen2.5-0.5b-shape | "
