@@ -224,11 +224,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
   hints = typing.get_type_hints(cls)
   for name in values:
     if name not in hints:
-      key = prefix + name
-      known = [k for k, _ in _flat_items(Config())]
-      close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-      hint = f"; did you mean {close[0]}?" if close else ""
-      raise UserError(f"unknown config key {key}{hint}")
+      raise unknown_key_error(prefix + name)
   kwargs = {}
   for name, hint in hints.items():
     if name not in values:
@@ -418,6 +414,23 @@ def _flat_items(instance: Any, prefix: str = "") -> list[tuple[str, Any]]:
     else:
       items.append((prefix + f.name, value))
   return items
+
+
+def keys() -> list[str]:
+  """Every config key, dotted as on the command line ("grpo.beta")."""
+  return [k for k, _ in _flat_items(Config())]
+
+
+def is_key(key: str) -> bool:
+  """Whether `key` is a config key or a section of them ("grpo", "model.demo")."""
+  return any(k == key or k.startswith(key + ".") for k in keys())
+
+
+def unknown_key_error(key: str) -> UserError:
+  """The error for a key that no config has, suggesting the closest known key."""
+  close = difflib.get_close_matches(key, keys(), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  return UserError(f"unknown config key {key}{hint}")
 
 
 def describe(c: Config) -> str:
