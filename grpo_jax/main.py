@@ -75,9 +75,10 @@ class Trainer:
     self.cfg = cfg
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
-    self.tokenizer, model = components.load_model(cfg)
+    # Data and reward specs first: a bad row or reward name fails before a model loads.
     self.train_rows, self.eval_rows = components.load_rows(cfg)
     specs = components.reward_specs(cfg)
+    self.tokenizer, model = components.load_model(cfg)
     n = cfg.sampler.max_new_tokens
     self.scorer = scoring.Scorer(self.tokenizer, self.train_rows, specs, max_new_tokens=n,
                                  timeout_s=cfg.rewards_timeout_s)
@@ -151,9 +152,10 @@ class Trainer:
     self.ckpt.save(step, self.state, meta, force=force)
 
   def restore(self) -> int:
-    """Resumes from the newest complete checkpoint; returns its step (0: fresh start)."""
+    """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
     step = self.ckpt.latest_step()
-    if step is None:
+    if step is None:  # records of an attempt that died before its first checkpoint go
+      self.writer.truncate_after(-1)
       return -1
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
@@ -175,6 +177,8 @@ class Trainer:
   # -- the loop ----------------------------------------------------------------------------
 
   def run(self) -> dict[str, Any]:
+    """Trains to train.num_steps. A checkpoint at step k is taken only after every record of
+    step k is written, so a run killed at any moment resumes to the same metrics."""
     cfg = self.cfg
     stop = StopRequest()
     start = self.restore()
@@ -182,13 +186,15 @@ class Trainer:
     if start < 0:
       self.warm_start()
       start = 0
-      self.save(0, force=True)
       first_eval = self.evaluate(0)
       self.writer.write(0, first_eval)
       self._print_eval("before GRPO", first_eval)
+      self.save(0, force=True)
+      if stop.requested:
+        return self._stopped(0)
     progress = metrics_lib.Progress(cfg.train.num_steps, every_s=cfg.logging.progress_every_s,
                                     enabled=self.is_main)
-    last_eval = first_eval
+    final_eval: dict[str, float] = {}
     step = start
     while step < cfg.train.num_steps:
       batch = self.batch()
@@ -201,33 +207,47 @@ class Trainer:
       record["perf/step_s"] = step_s
       record["perf/reward_s"] = self.scorer.seconds - reward_s0
       record["perf/rollout_tokens_per_s"] = record.pop("perf/rollout_tokens") / step_s
-      self._check_finite(step, record)
-      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:
-        last_eval = self.evaluate(step)
-        record.update(last_eval)
+      at_end = step == cfg.train.num_steps
+      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not at_end:
+        record.update(self.evaluate(step))
       self.writer.write(step, record)
       progress.update(step, record)
-      at_end = step == cfg.train.num_steps
-      if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or at_end or stop.requested:
+      self._stop_on_nonfinite(step, record)
+      if at_end:
+        final_eval = self.evaluate(step)
+        self.writer.write(step, final_eval)
+      # A skipped (non-finite) update is not checkpointed on schedule, so the newest
+      # checkpoint is always the last good step.
+      due = (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+             and not record["train/nonfinite_consecutive"])
+      if due or at_end or stop.requested:
         self.save(step, force=True)
       if stop.requested and not at_end:
-        self.ckpt.wait()
-        logging.warning("stopped at step %d after a signal; checkpoint saved", step)
-        return {}
-    final_eval = self.evaluate(step) if step > start or not last_eval else last_eval
-    if step > start:
-      self.writer.write(step, final_eval)
+        return self._stopped(step)
+    if step == start:  # resumed at the end: nothing left to train
+      final_eval = self.evaluate(step)
     self.ckpt.wait()
     self._finish(first_eval, final_eval)
     return final_eval
 
-  def _check_finite(self, step: int, record: dict[str, float]) -> None:
-    consecutive = record.get("train/nonfinite_consecutive", 0)
-    if consecutive >= self.cfg.train.max_nan_steps:
-      raise UserError(
-          f"{int(consecutive)} consecutive updates had NaN/Inf gradients (train.max_nan_steps="
-          f"{self.cfg.train.max_nan_steps}) at step {step}; the last good checkpoint is in "
-          f"{self.workdir}/checkpoints; lower train.learning_rate or check the data")
+  def _stopped(self, step: int) -> dict[str, Any]:
+    self.ckpt.wait()
+    logging.warning("stopped at step %d after a signal; checkpoint saved", step)
+    self.writer.close()
+    return {}
+
+  def _stop_on_nonfinite(self, step: int, record: dict[str, float]) -> None:
+    """Raises UserError after train.max_nan_steps skipped (non-finite) updates in a row."""
+    consecutive = int(record["train/nonfinite_consecutive"])
+    if consecutive < self.cfg.train.max_nan_steps:
+      return
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    raise UserError(
+        f"step {step}: {consecutive} optimizer updates in a row had NaN/Inf gradients and were "
+        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); the last good checkpoint "
+        f"is step {last} in {self.ckpt.directory}, where a new run on this workdir resumes; "
+        "lower train.learning_rate or check the rewards and data")
 
   def _print_eval(self, title: str, ev: dict[str, float]) -> None:
     if self.is_main and ev:
