@@ -50,7 +50,8 @@ def load_model(cfg: config_lib.Config):
   if not os.path.isdir(cfg.model.path):
     raise UserError(f"model.path={cfg.model.path!r} is not a directory; give a local "
                     "Hugging Face checkpoint dir (config.json + safetensors) or \"\" for the demo model")
-  model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype)
+  model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
+                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
   return load_tokenizer(cfg.model.path), model
 
 
@@ -94,16 +95,47 @@ def correctness_reward(cfg: config_lib.Config) -> str:
   return "accuracy" if cfg.data.source.startswith(("jsonl:", "tfds:")) else "exact_match"
 
 
+def host_device() -> jax.Device | None:
+  """This host's CPU device, to read a checkpoint into before laying it out on the mesh, so
+  that no one accelerator ever holds the whole model; None (the default device) when jax
+  runs without its CPU backend."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"environment variable {name}={value!r} is not allowed: an integer "
+                    ">= 0") from None
+
+
 def init_distributed() -> None:
   """Joins a multi-process run (TPU pod, multi-node GPU) when one is configured.
 
-  Cloud TPU pods are detected by jax itself; manual runs set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single process does nothing.
+  Call it before anything touches a device. Manual runs set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; where the last two are
+  unset, jax reads them from the cluster (Cloud TPU VM metadata, Slurm). GKE TPU pods are
+  detected by jax alone. Otherwise a single process does nothing.
   """
-  if "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-        process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address:
+    num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    if num_processes is not None and process_id is not None and not (
+        num_processes >= 1 and 0 <= process_id < num_processes):
+      raise UserError(f"JAX_PROCESS_ID={process_id} with JAX_NUM_PROCESSES={num_processes} "
+                      "is not allowed: 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES")
+    try:
+      jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                                 process_id=process_id)
+    except ValueError as e:  # no cluster to read the unset values from
+      raise UserError(f"JAX_COORDINATOR_ADDRESS={address!r} is set but {e}; set "
+                      "JAX_NUM_PROCESSES and JAX_PROCESS_ID too") from None
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()

@@ -4,6 +4,11 @@ Parameters carry logical axis names (models/transformer.py). FSDP shards the mod
 ("embed") over `fsdp`; tensor parallelism shards heads, MLP width and vocab over `tensor`;
 the batch goes over (data, fsdp). A dimension that a mesh axis does not divide, or a mesh
 axis already used by another dimension of the same array, stays unsharded.
+
+Rollout uses another layout: the weights gathered over (data, fsdp) in the compute dtype,
+still sharded over `tensor`, with the rows over (data, fsdp). The decode loop then needs no
+collective but the tensor-parallel ones, instead of gathering every row's activations for
+every new token; each device holds the compute-dtype weights divided by the tensor size.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,6 +79,16 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any,
+                        param_shardings: Any) -> Any:
+  """Shardings for tx's state: leaves that mirror a parameter (AdamW's moments) take that
+  parameter's sharding; the rest (step counts, flags) are replicated."""
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows over (data, fsdp); everything else replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
@@ -83,5 +98,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_divisor(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def rollout_sharding(sharding: NamedSharding) -> NamedSharding:
+  """A parameter's training sharding with the batch axes (data, fsdp) gathered."""
+  spec = [None if axis in BATCH_AXES else axis for axis in sharding.spec]
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
+def rollout_params(params: Any, shardings: Any, dtype: Any) -> Any:
+  """The policy's params laid out for sampling (see the module docstring); traceable.
+
+  `shardings` is the params' training layout (param_shardings). Every weight but the norm
+  scales is cast to `dtype` before the gather: the model casts them to its compute dtype
+  where it uses them, so sampling sees the same values; float32 master weights move and
+  take half the bytes as bfloat16.
+  """
+
+  def one(x: nnx.Variable, sharding: nnx.Variable) -> nnx.Variable:
+    value = x.get_value()
+    if "norm" not in (x.get_metadata().get("out_sharding") or ()):
+      value = value.astype(dtype)
+    target = rollout_sharding(sharding.get_value())
+    return x.replace(jax.lax.with_sharding_constraint(value, target))
+
+  return jax.tree.map(one, params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))

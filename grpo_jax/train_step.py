@@ -29,6 +29,7 @@ from jax.experimental import io_callback
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import loss as loss_lib
+from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
 
@@ -114,12 +115,21 @@ def make_optimizer(
   return tx, lr
 
 
-def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: int) -> TrainState:
-  """The train state around the policy params (`nnx.split(model)[1]`); pi_ref starts equal."""
+def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: int,
+               param_shardings=None) -> TrainState:
+  """The train state around the policy params (`nnx.split(model)[1]`); pi_ref starts equal.
+
+  Under jit, `param_shardings` (mesh.param_shardings) lays the optimizer state out like the
+  params it mirrors; without it the compiler would replicate AdamW's moments on every device.
+  """
+  opt_state = tx.init(params)
+  if param_shardings is not None:
+    opt_state = jax.lax.with_sharding_constraint(
+        opt_state, mesh_lib.opt_state_shardings(tx, opt_state, param_shardings))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      opt_state=tx.init(params),
+      opt_state=opt_state,
       ref_params=jax.tree.map(jnp.copy, params) if beta > 0 else None,
       key=jax.random.PRNGKey(seed),  # raw uint32 key: checkpoints as a plain array
   )
@@ -147,9 +157,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
 
   With state_shardings the new state keeps the layout of the old one (so donation reuses
-  its buffers); metrics come back with metrics_sharding (replicated).
+  its buffers), and sampling runs in the rollout layout of mesh.py; metrics come back with
+  metrics_sharding (replicated).
   """
   num_fns = len(cfg.reward_names)
+  if state_shardings is not None:
+    row_sharding = mesh_lib.batch_sharding(jax.tree.leaves(state_shardings.params)[0].mesh)
 
   def host_rewards(row_ids, tokens, mask):
     total, per_fn, failed = reward_callback(np.asarray(row_ids), np.asarray(tokens), np.asarray(mask))
@@ -168,6 +181,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     prompt_tokens = jnp.repeat(batch.prompt_tokens, g, axis=0)  # [R, T]
     prompt_mask = jnp.repeat(batch.prompt_mask, g, axis=0)
     policy = nnx.merge(graphdef, state.params)
+    if state_shardings is not None:  # the rollout layout of mesh.py: rows over (data, fsdp)
+      prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, row_sharding)
+      prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, row_sharding)
+      policy = nnx.merge(graphdef, mesh_lib.rollout_params(
+          state.params, state_shardings.params, policy.config.compute_dtype))
     out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, cfg.sampling)
     completion_mask = out.mask.astype(jnp.int32)  # [R, N]
     lengths = completion_mask.sum(-1)

@@ -1,0 +1,207 @@
+"""Sharded GRPO steps on 8 fake CPU devices give the numbers of one device; layouts and memory."""
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grpo_jax import advantages
+from grpo_jax import components
+from grpo_jax import config as config_lib
+from grpo_jax import data as data_lib
+from grpo_jax import loss
+from grpo_jax import main as main_lib
+from grpo_jax import mesh as mesh_lib
+from grpo_jax import models
+from grpo_jax import sampler
+from grpo_jax import train_step as train_step_lib
+from tests.test_train import tiny_config, train_records
+
+MESHES = ((2, 2, 2), (1, 8, 1))
+# The token-count (dapo) normaliser, the batch-level reward std and a KL term: the numbers
+# that would change if any of them were taken per shard instead of over the whole batch.
+OVERRIDES = {"grpo.loss_type": "dapo", "grpo.scale_rewards": "batch", "grpo.beta": 0.04,
+             "rewards": "tests.test_mesh:digit_share", "train.learning_rate": 1e-2,
+             "train.num_steps": 3, "eval.num_prompts": 0}
+
+
+def digit_share(prompts, completions, **unused):
+  """Test reward: the share of digits in the completion (varies within most groups)."""
+  return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def sharded_config(shape, **overrides):
+  """The comparison config frozen for a mesh of prod(shape) of the 8 devices."""
+  cfg = tiny_config(**OVERRIDES, **overrides, **{"mesh.shape": shape})
+  return config_lib.freeze(cfg, num_devices=math.prod(shape))
+
+
+def relative_error(params, reference) -> float:
+  """|params - reference| / |reference| over all parameters together (L2)."""
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+  a, b = flat(params), flat(reference)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """{mesh shape: (trainer, train records)} after 3 steps on one device and on each mesh."""
+  out = {}
+  for shape in ((1, 1, 1),) + MESHES:
+    workdir = str(tmp_path_factory.mktemp("mesh"))
+    trainer = main_lib.Trainer(sharded_config(shape), workdir)
+    trainer.run()
+    out[shape] = trainer, train_records(workdir)
+  return out
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_steps_match_one_device(runs, shape):
+  ref_trainer, ref_records = runs[(1, 1, 1)]
+  trainer, records = runs[shape]
+  assert trainer.mesh.devices.size == 8 and ref_trainer.mesh.devices.size == 1
+  specs = {x.sharding.spec for x in jax.tree.leaves(trainer.state.params)}
+  assert any("fsdp" in spec for spec in specs), specs  # the params really are sharded
+  assert relative_error(trainer.state.params, ref_trainer.state.params) < 1e-5
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for got, want in zip(records, ref_records):
+    assert want["rl/reward_std"] > 0  # the rewards vary, so the loss is not only KL
+    for key, value in want.items():
+      if not key.startswith("perf/"):
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-12), (got["step"], key)
+
+
+@pytest.mark.parametrize("shape", ((1, 1, 1),) + MESHES)
+def test_the_train_step_compiles_once_over_three_steps(runs, shape):
+  trainer, _ = runs[shape]
+  assert trainer.train_step._cache_size() == 1
+
+
+def test_normalisers_are_global_over_a_sharded_batch():
+  """Token counts, group/batch reward statistics and means under jit with the rows over 8
+  devices equal those of unsharded inputs."""
+  mesh = mesh_lib.make_mesh((2, 4, 1))
+  rows = mesh_lib.batch_sharding(mesh)
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  r, n, g = 16, 6, 4
+  logps = -jax.random.uniform(k1, (r, n))
+  old = logps + 0.1 * jax.random.normal(k2, (r, n))
+  ref = logps + 0.1 * jax.random.normal(k3, (r, n))
+  mask = (jnp.arange(n)[None] < jnp.arange(r)[:, None] % n + 1).astype(jnp.int32)
+  rewards = jax.random.uniform(k4, (r,))
+
+  def stats(logps, old, ref, mask, rewards):
+    out = {"reward_std": rewards.std(ddof=1)}
+    for scale in ("group", "batch"):
+      advs = advantages.group_advantages(rewards, g, scale=scale)
+      out[f"advs_{scale}"] = advs
+      for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        out[f"{loss_type}_{scale}"], _ = loss.grpo_loss(logps, old, ref, advs, mask, beta=0.04,
+                                                        loss_type=loss_type)
+    return out
+
+  args = (logps, old, ref, mask, rewards)
+  sharded_args = jax.device_put(args, rows)
+  assert sharded_args[0].addressable_shards[0].data.shape == (r // 8, n)
+  sharded = jax.jit(stats)(*sharded_args)
+  single = jax.jit(stats)(*args)
+  for key, value in single.items():
+    np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(value), rtol=1e-5,
+                               err_msg=key)
+
+
+def demo_params(hidden_size: int = 64):
+  """(graphdef, params) of the demo model with width D = hidden_size."""
+  cfg = config_lib.freeze(tiny_config(**{"model.demo.hidden_size": hidden_size,
+                                         "model.demo.intermediate_size": 2 * hidden_size}),
+                          num_devices=8)
+  tokenizer = data_lib.demo_tokenizer()
+  return nnx.split(models.init(components.demo_model_config(cfg, tokenizer))), tokenizer
+
+
+def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
+  (_, params), _ = demo_params()
+  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+
+  def per_device_state_bytes(shape) -> int:
+    mesh = mesh_lib.make_mesh(shape)
+    shardings = mesh_lib.param_shardings(params, mesh)
+    init = jax.jit(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0,
+                                     param_shardings=shardings))
+    return init.lower(jax.device_put(params, shardings)).compile().memory_analysis(
+    ).output_size_in_bytes
+
+  state = jax.eval_shape(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0),
+                         params)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  # One device holds everything (give or take the output tuple's few hundred bytes).
+  assert per_device_state_bytes((1, 1, 1)) == pytest.approx(total, rel=1e-2)
+  fsdp = per_device_state_bytes((1, 8, 1))
+  # Params, AdamW's two moments and the reference params: all but the norm scales and the
+  # qkv biases (no model-width dimension to shard) split 8 ways.
+  assert total / 8 <= fsdp <= 1.1 * total / 8, fsdp / total
+
+
+def test_optimizer_state_follows_the_param_layout():
+  (_, params), _ = demo_params()
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+  shardings = mesh_lib.param_shardings(params, mesh)
+  opt = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, params), shardings)
+  adam = opt.inner_state[1][0]
+  assert jax.tree.leaves(adam.mu) == jax.tree.leaves(shardings)
+  assert jax.tree.leaves(adam.nu) == jax.tree.leaves(shardings)
+  assert adam.count.spec == P() and opt.notfinite_count.spec == P()
+
+
+def test_logical_rules_shard_what_divides_and_use_each_axis_once():
+  mesh = mesh_lib.make_mesh((1, 4, 2))
+  assert mesh_lib.spec_for(("vocab", "embed"), (106, 64), mesh) == P("tensor", "fsdp")
+  assert mesh_lib.spec_for(("vocab", "embed"), (105, 66), mesh) == P(None, None)
+  assert mesh_lib.spec_for(("heads", "mlp"), (4, 8), mesh) == P("tensor", None)
+  assert mesh_lib.spec_for(("norm",), (64,), mesh) == P(None)
+  assert mesh_lib.make_mesh((1, -1, 2)).shape == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert list(mesh_lib.make_mesh((1, 2, 1)).devices.flat) == jax.devices()[:2]
+
+
+def test_rollout_layout_gathers_batch_axes_in_the_compute_dtype():
+  (_, params), _ = demo_params()
+  mesh = mesh_lib.make_mesh((1, 4, 2))
+  shardings = mesh_lib.param_shardings(params, mesh)
+  assert mesh_lib.rollout_sharding(NamedSharding(mesh, P("tensor", "fsdp"))).spec == P("tensor", None)
+  out = jax.jit(lambda p: mesh_lib.rollout_params(p, shardings, jnp.bfloat16))(
+      jax.device_put(params, shardings))
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(params)):
+    norm = "norm" in jax.tree_util.keystr(path)
+    assert got.dtype == (want.dtype if norm else jnp.bfloat16), path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(got.dtype)))
+    assert "fsdp" not in got.sharding.spec, path
+
+
+def test_rollout_layout_decodes_without_collectives():
+  """Rows over (data, fsdp) and weights gathered once: no all-reduce or all-gather runs per
+  new token, unlike in the FSDP training layout."""
+  (graphdef, params), tokenizer = demo_params()
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  shardings = mesh_lib.param_shardings(params, mesh)
+  settings = sampler.SampleConfig(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
+  tokens, mask = jnp.ones((8, 4), jnp.int32), jnp.ones((8, 4), jnp.int32)
+
+  def generate(params, tokens, mask):
+    tokens, mask = (jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh))
+                    for x in (tokens, mask))
+    policy = nnx.merge(graphdef, mesh_lib.rollout_params(params, shardings, jnp.float32))
+    return sampler.generate_from(policy, tokens, mask, jax.random.key(0), settings).tokens
+
+  hlo = jax.jit(generate).lower(jax.device_put(params, shardings), tokens, mask).compile().as_text()
+  # The one all-reduce left is the loop condition's "every row has hit EOS" flag.
+  assert set(re.findall(r"= (\S+) all-reduce\(", hlo)) == {"pred[]"}
+  bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+  loops = [c for c in hlo.split("\n\n") if c.split(" ", 1)[0].lstrip("%") in bodies]
+  assert loops and not any("all-gather" in c or "all-reduce" in c for c in loops)

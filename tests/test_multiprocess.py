@@ -1,0 +1,113 @@
+"""Two processes on one machine, joined by jax.distributed over loopback with CPU (gloo)
+collectives, train like one process with the same 8 devices.
+
+The test starts this file twice as a worker (`python -m tests.test_multiprocess WORKDIR`,
+JAX_PROCESS_ID 0 and 1, 4 CPU devices each) and compares with an in-process run.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental import multihost_utils
+
+from grpo_jax import components
+from grpo_jax import config as config_lib
+from grpo_jax import main as main_lib
+from grpo_jax.errors import UserError
+from tests.test_mesh import OVERRIDES, relative_error
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = OVERRIDES["train.num_steps"]
+
+
+def train(workdir: str):
+  """STEPS steps on a (2, 2, 2) mesh over every process's devices, metrics written by process
+  0 and a (multi-host) checkpoint at the end. Returns the records and the gathered params.
+
+  No KL term: test_mesh checks the normalisers; this checks the processes' plumbing.
+  """
+  cfg = config_lib.freeze(tiny_config(**{**OVERRIDES, "mesh.shape": (2, 2, 2), "grpo.beta": 0.0}))
+  trainer = main_lib.Trainer(cfg, workdir)
+  records = []
+  for step in range(1, STEPS + 1):
+    trainer.state, metrics = trainer.train_step(trainer.state, trainer.batch())
+    records.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    trainer.writer.write(step, records[-1])
+  trainer.writer.close()
+  trainer.save(STEPS, force=True)
+  trainer.ckpt.wait()
+  return records, multihost_utils.process_allgather(trainer.state.params, tiled=True)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  workdir = tmp_path / "two"
+  logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+  workers = [subprocess.Popen([sys.executable, "-m", "tests.test_multiprocess", str(workdir)],
+                              cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=log,
+                              stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+  try:
+    records, params = train(str(tmp_path / "one"))  # meanwhile, one process
+    codes = [w.wait(timeout=400) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  output = "\n".join((tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
+  assert codes == [0, 0], output
+  two = json.loads((workdir / "records.json").read_text())
+  for got, want in zip(two, records, strict=True):
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-12)
+  with np.load(workdir / "params.npz") as two_params:
+    got = [two_params[f"arr_{i}"] for i in range(len(two_params.files))]
+  assert relative_error(got, params) < 1e-5
+  # Only process 0 wrote metrics; both took part in the checkpoint.
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == STEPS
+  assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"JAX_NUM_PROCESSES": "two"}, ["JAX_NUM_PROCESSES='two'", "an integer"]),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     ["JAX_PROCESS_ID=2", "0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES"]),
+])
+def test_bad_process_variables_are_one_line_user_errors(monkeypatch, env, words):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(UserError) as e:
+    components.init_distributed()
+  assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_checkpoints_are_read_into_host_memory():
+  assert components.host_device().platform == "cpu"
+
+
+def worker(workdir: str) -> None:
+  components.init_distributed()
+  assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(),
+                                                               jax.device_count())
+  records, params = train(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "records.json"), "w") as f:
+      json.dump(records, f)
+    np.savez(os.path.join(workdir, "params.npz"), *jax.tree.leaves(params))
+
+
+if __name__ == "__main__":
+  worker(sys.argv[1])
