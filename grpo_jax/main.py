@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import cli
@@ -78,7 +79,10 @@ class Trainer:
     # Data and reward specs first: a bad row or reward name fails before a model loads.
     self.train_rows, self.eval_rows = components.load_rows(cfg)
     specs = components.reward_specs(cfg)
-    self.tokenizer, model = components.load_model(cfg)
+    # Read into host memory; new_state lays the params out on the mesh, so no one device
+    # ever holds the whole model (at 7B in float32, 30 GB).
+    with jax.default_device(components.host_device()):
+      self.tokenizer, model = components.load_model(cfg)
     n = cfg.sampler.max_new_tokens
     self.scorer = scoring.Scorer(self.tokenizer, self.train_rows, specs, max_new_tokens=n,
                                  timeout_s=cfg.rewards_timeout_s)
@@ -117,9 +121,11 @@ class Trainer:
   def new_state(self, params) -> train_step_lib.TrainState:
     """A train state around params, laid out on the mesh (params by the logical-axis rules;
     the optimizer state follows them)."""
-    params = jax.device_put(params, mesh_lib.param_shardings(params, self.mesh))
+    shardings = mesh_lib.param_shardings(params, self.mesh)
+    params = jax.device_put(params, shardings)
     init = jax.jit(lambda p: train_step_lib.init_state(p, self.tx, beta=self.cfg.grpo.beta,
-                                                       seed=self.cfg.train.seed))
+                                                       seed=self.cfg.train.seed,
+                                                       param_shardings=shardings))
     return init(params)
 
   def batch(self) -> train_step_lib.Batch:
@@ -256,10 +262,12 @@ class Trainer:
             flush=True)
 
   def _finish(self, first_eval, final_eval) -> None:
+    # Every process takes part in gathering the sharded params; process 0 writes them.
+    params = multihost_utils.process_allgather(self.state.params, tiled=True)
     if not self.is_main:
       return
     out_dir = f"{self.workdir}/hf"
-    models.save_pretrained(nnx.merge(self.graphdef, self.state.params), out_dir)
+    models.save_pretrained(nnx.merge(self.graphdef, params), out_dir)
     self.tokenizer.save_pretrained(out_dir)
     self._print_eval("after GRPO", final_eval)
     if first_eval and final_eval:
@@ -277,8 +285,8 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
+  components.init_distributed()  # before anything (freeze counts the devices) touches jax
   cfg = config_lib.freeze(config)
-  components.init_distributed()
   trainer = Trainer(cfg, workdir)
   return trainer.run()
 

@@ -53,8 +53,8 @@ def run(config, out: str | None, *, k: int, min_reward: float | None, max_per_pr
     raise UserError("--config and --out are required")
   if k < 1 or max_per_prompt < 1:
     raise UserError(f"--k={k} and --max_per_prompt={max_per_prompt} must be at least 1")
+  components.init_distributed()  # before anything (freeze counts the devices) touches jax
   cfg = config_lib.freeze(config)
-  components.init_distributed()
   tokenizer, model = components.load_model(cfg)
   rows, _ = components.load_rows(cfg)
   rows = rows[:num_prompts] if num_prompts else rows

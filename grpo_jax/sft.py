@@ -108,10 +108,10 @@ def run(config, workdir: str | None) -> str:
   if config is None or not workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/demo.py "
                     "--workdir=runs/sft")
+  components.init_distributed()  # before anything (freeze counts the devices) touches jax
   cfg = config_lib.freeze(config)
   if cfg.sft.num_steps <= 0:
     raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
-  components.init_distributed()
   tokenizer, model = components.load_model(cfg)
   graphdef, params = nnx.split(model)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
