@@ -15,7 +15,7 @@ Each benchmark compiles once, timed on its own, then reports the median of --ste
 after --warmup untimed ones, results ready. `step` times the compiled train step as the
 trainer runs it, and also the pieces of a step compiled as separate programs from the same
 pure functions: sampling (`sampler.generate_from`), old + reference log-probs
-(`train_step.completion_logps`) and the update (value_and_grad of `loss.grpo_loss` over
+(`train_step.completion_logps`) and the update (the gradient of `loss.grpo_loss` over
 them, then the optimizer, once per minibatch); "other" is what the whole step takes beyond
 the pieces and the reward callback. On accelerators (or given --peak_tflops / --mem_bw_gbs)
 it also reports sampling against the memory-bandwidth bound and the update's MFU.
@@ -113,18 +113,20 @@ class Timing:
 
 
 def time_compiled(jitted, args: tuple[Any, ...], static: dict[str, Any], steps: int,
-                  vary: Callable[[tuple[Any, ...], int], tuple[Any, ...]]) -> Timing:
-  """Compiles jitted(*args, **static) once, then times `steps` calls of vary(args, i)."""
+                  vary: Callable[[tuple[Any, ...], int], tuple[Any, ...]],
+                  warmup: int = 0) -> Timing:
+  """Compiles jitted(*args, **static) once, then times `steps` calls of vary(args, i) after
+  `warmup` untimed ones."""
   start = time.perf_counter()
   compiled = jitted.lower(*args, **static).compile()
   compile_s = time.perf_counter() - start
   times = []
-  for i in range(steps):
+  for i in range(warmup + steps):
     call_args = vary(args, i)
     start = time.perf_counter()
     jax.block_until_ready(compiled(*call_args))
     times.append(time.perf_counter() - start)
-  return Timing(compile_s=compile_s, step_s=statistics.median(times))
+  return Timing(compile_s=compile_s, step_s=statistics.median(times[warmup:]))
 
 
 def decode_bytes(params: nnx.State, config: models.ModelConfig, batch: int,
@@ -244,12 +246,12 @@ def time_train_steps(trainer: main_lib.Trainer, steps: int, warmup: int) -> dict
           "reward_s": statistics.median(reward_times)}
 
 
-def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch,
-                     steps: int) -> dict[str, Any]:
+def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, steps: int,
+                     warmup: int) -> dict[str, Any]:
   """Sampling, old + reference log-probs and the update, each compiled on its own.
 
-  The update is value_and_grad(grpo_loss) over one minibatch of R / M rows then the
-  optimizer, timed once and counted mu * M times.
+  The update is the gradient of grpo_loss over one minibatch of R / M rows, then the
+  optimizer; it is timed once and counted mu * M times.
   """
   cfg, graphdef, state = trainer.step_cfg, trainer.graphdef, trainer.state
   g, n = cfg.num_generations, cfg.sampling.max_new_tokens
@@ -259,7 +261,8 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch,
   key = jax.random.key(0)
   sampling = time_compiled(
       sampler.generate_jit, (graphdef, state.params, prompt_tokens, prompt_mask, key),
-      {"settings": cfg.sampling}, steps, vary=lambda a, i: (*a[:4], jax.random.fold_in(key, i)))
+      {"settings": cfg.sampling}, steps, vary=lambda a, i: (*a[:4], jax.random.fold_in(key, i)),
+      warmup=warmup)
   out = sampler.generate_jit(graphdef, state.params, prompt_tokens, prompt_mask, key,
                              settings=cfg.sampling)
   seq_tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)  # [R, T + N]
@@ -276,7 +279,7 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch,
   logps_s = 0.0
   if policies:
     logps_s = time_compiled(logps_jit, (policies, seq_tokens, seq_mask), {}, steps,
-                            vary=lambda a, i: a).step_s
+                            vary=lambda a, i: a, warmup=warmup).step_s
   logps = logps_jit(policies, seq_tokens, seq_mask)
 
   @jax.jit
@@ -295,7 +298,7 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch,
               advs=jax.random.normal(key, (prompt_tokens.shape[0],)), **logps)
   rows = jax.tree.map(lambda x: x[:minibatch], rows)
   update_one = time_compiled(update, (state.params, state.opt_state, rows), {}, steps,
-                             vary=lambda a, i: a)
+                             vary=lambda a, i: a, warmup=warmup)
   return {"sampling_s": sampling.step_s, "logps_s": logps_s, "logps_passes": len(policies),
           "update_s": update_one.step_s * cfg.num_iterations * cfg.minibatches}
 
@@ -307,6 +310,8 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
   r = cfg.data.prompts_per_step * cfg.grpo.num_generations
   n = cfg.sampler.max_new_tokens
   result = time_train_steps(trainer, args.steps, args.warmup)
+  # Before the pieces, which hold copies of the state of their own.
+  result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
   batch = trainer.batch()
   t = batch.prompt_tokens.shape[1]
   params = trainer.state.params
@@ -314,7 +319,7 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
   result.update(rows=r, prompt_len=t, new_tokens=n, num_params=num_params,
                 step_rollout_tokens_per_s=r * n / result["step_s"])
   if args.pieces:
-    pieces = time_step_pieces(trainer, batch, args.steps)
+    pieces = time_step_pieces(trainer, batch, args.steps, args.warmup)
     mu = cfg.grpo.num_iterations
     seq_tokens = r * (t + n)
     result.update(pieces)
@@ -331,7 +336,6 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
       flops = 6 * num_params * mu * seq_tokens + 2 * num_params * seq_tokens * pieces["logps_passes"]
       result["train_flops"] = flops
       result["mfu"] = flops / (pieces["update_s"] + pieces["logps_s"]) / (args.peak_tflops * 1e12)
-  result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
   return result
 
 
@@ -495,7 +499,7 @@ def step_rows(r: dict[str, Any]) -> list[list[str]]:
           ["completion tokens/s over the step", f"{r['step_rollout_tokens_per_s']:.0f}"]]
   if "sampling_s" in r:
     rows += [["sampling", f"{r['sampling_s']:.4f} s"],
-             [f"log-probs ({r['logps_passes']} forward passes: old / reference)",
+             [f"log-probs (old / reference: {r['logps_passes']} forward)",
               f"{r['logps_s']:.4f} s"],
              ["update (loss, backward, optimizer)", f"{r['update_s']:.4f} s"],
              ["reward callback", f"{r['reward_s']:.4f} s"],
@@ -521,7 +525,7 @@ def comparison_rows(ours: dict[str, Any], trl: dict[str, Any]) -> list[list[str]
       pair("sampling", ours["sampling_s"], trl["sampling_s"], sec),
       pair("reference log-probs", ours["logps_s"], trl["logps_s"], sec),
       pair("rest (rewards, loss, backward, optimizer)", ours_rest, trl["rest_s"], sec),
-      [f"rollout tokens/s (sampling)", f"{ours['rollout_tokens_per_s']:.0f}",
+      ["rollout tokens/s (sampling)", f"{ours['rollout_tokens_per_s']:.0f}",
        f"{trl['rollout_tokens_per_s']:.0f}", ""],
       ["peak memory (process RSS)", _mb(ours["peak_memory_bytes"]),
        _mb(trl["peak_memory_bytes"]), ""],
@@ -627,7 +631,7 @@ def run_trl(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
                        comparison_rows(ours, trl)))
   speedup = trl["step_s"] / ours["step_s"]
   print(f"grpo_jax is {speedup:.1f}x faster per step (median of {f.steps} steps after "
-        f"{f.warmup} warm-up; TRL on {trl['threads']} torch threads)")
+        f"{f.warmup} warm-up; torch threads: {trl['threads']})")
   return {"config": dataclasses.asdict(cfg), "grpo_jax": ours, "trl": trl, "speedup": speedup}
 
 
@@ -658,7 +662,10 @@ def run(f: flags.FlagValues) -> dict[str, Any]:
   workdir = f.workdir or tempfile.mkdtemp(prefix="grpo_jax_bench_")
   os.makedirs(workdir, exist_ok=True)
   record = {"what": f.what, "device": device_name(), "date": time.strftime("%Y-%m-%d"),
-            **BENCHMARKS[f.what](f, workdir)}
+            "load_before": os.getloadavg()[0], **BENCHMARKS[f.what](f, workdir),
+            "load_after": os.getloadavg()[0]}  # 1-minute load averages: is the machine quiet?
+  print(f"load average (1 min) {record['load_before']:.1f} before, {record['load_after']:.1f} "
+        f"after, on {len(os.sched_getaffinity(0))} cores")
   if f.out:
     with open(f.out, "w") as fp:
       json.dump(record, fp, indent=2)
