@@ -103,8 +103,10 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
       assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
-def test_several_updates_per_batch_with_kl_and_minibatches(tmp_path):
+def test_several_updates_per_batch_with_kl_minibatches_and_remat(tmp_path):
+  # remat: the blocks are rematerialised in training but not inside the sampler's loop.
   cfg = tiny_config(**{"grpo.num_iterations": 2, "grpo.beta": 0.04, "grpo.ref_reset_every": 1,
+                       "model.remat": True,
                        "grpo.minibatches_per_iteration": 2, "data.prompts_per_step": 4,
                        "grpo.loss_type": "dapo", "eval.num_prompts": 0})
   main_lib.run(cfg, str(tmp_path))

@@ -191,7 +191,9 @@ class Transformer(nnx.Module):
     query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
     key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
     mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
-    run = _run_block_remat if self.config.remat else _run_block
+    # Rematerialisation only pays in a backward pass; decoding with a cache has none (and
+    # nnx.remat cannot run inside the sampler's while_loop).
+    run = _run_block_remat if self.config.remat and cache is None else _run_block
     for layer, block in enumerate(self.layers):
       x, cache = run(block, x, cos, sin, mask, cache, cache_index, layer)
     return self.final_norm(x), cache
