@@ -154,7 +154,8 @@ class Trainer:
                                                 self.eval_reward)
 
   def save(self, step: int, *, force: bool = False) -> None:
-    meta = {"data": self.stream.state(), "config": config_lib.describe(self.cfg)}
+    meta = {"data": self.stream.state(), "config": config_lib.describe(self.cfg),
+            "config_digest": config_lib.digest(self.cfg)}
     self.ckpt.save(step, self.state, meta, force=force)
 
   def restore(self) -> int:
@@ -167,6 +168,9 @@ class Trainer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
     self.state, meta = self.ckpt.restore(abstract, step=step)
     self.stream.restore(meta["data"])
+    if meta.get("config_digest") != config_lib.digest(self.cfg):
+      logging.warning("resuming step %d with a config that differs from the checkpoint's "
+                      "(its values are in the checkpoint's meta)", step)
     self.writer.truncate_after(step)
     if self.is_main:
       print(f"resumed from {self.workdir}/checkpoints/{step}", flush=True)
@@ -213,6 +217,9 @@ class Trainer:
       record["perf/step_s"] = step_s
       record["perf/reward_s"] = self.scorer.seconds - reward_s0
       record["perf/rollout_tokens_per_s"] = record.pop("perf/rollout_tokens") / step_s
+      nonfinite = metrics_lib.check_finite(record)
+      if nonfinite:
+        logging.warning("step %d: non-finite metrics %s", step, ", ".join(nonfinite))
       at_end = step == cfg.train.num_steps
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not at_end:
         record.update(self.evaluate(step))
