@@ -17,38 +17,36 @@ DESIGN_KEYS = ("train/loss", "train/grad_norm", "rl/reward_mean", "rl/reward_std
                "perf/step_s", "perf/rollout_tokens_per_s")
 
 
-def tiny_config(**overrides):
-  """The demo config shrunk to seconds: a 1-layer model, 2 prompts x 4 completions."""
-  cfg = demo.get_config()
-  cfg.model.demo.hidden_size = 32
-  cfg.model.demo.intermediate_size = 64
-  cfg.model.demo.num_layers = 1
-  cfg.model.demo.num_heads = 2
-  cfg.model.demo.num_kv_heads = 1
-  cfg.data.source = "synthetic:arithmetic:digits=1"
-  cfg.data.prompts_per_step = 2
-  cfg.data.num_eval_rows = 4
-  cfg.grpo.num_generations = 4
-  cfg.sampler.max_new_tokens = 12
-  cfg.train.num_steps = 2
-  cfg.train.learning_rate = 1e-3
-  cfg.train.warmup_steps = 0
-  cfg.sft.num_steps = 0
-  cfg.eval.every_steps = 0
-  cfg.eval.num_prompts = 2
-  cfg.eval.k = 2
-  cfg.checkpoint.every_steps = 0
-  cfg.checkpoint.async_save = False
-  cfg.logging.tensorboard = False
-  cfg.logging.plot = False
-  cfg.mesh.shape = (1, -1, 1)
-  for key, value in overrides.items():
+# What makes any config a seconds-long run: 2 prompts x 4 completions, 2 steps, small evals,
+# synchronous checkpoints only at the end, no TensorBoard or plot.
+SMALL_RUN = {
+    "data.prompts_per_step": 2, "data.num_eval_rows": 4, "grpo.num_generations": 4,
+    "train.num_steps": 2, "eval.num_prompts": 2, "eval.k": 2, "checkpoint.every_steps": 0,
+    "checkpoint.async_save": False, "logging.tensorboard": False, "logging.plot": False,
+}
+
+
+def set_keys(cfg, values):
+  """Sets dotted config keys ("grpo.beta": 0.04) on a ConfigDict; returns it."""
+  for key, value in values.items():
     node = cfg
     *path, leaf = key.split(".")
     for name in path:
       node = node[name]
     node[leaf] = value
   return cfg
+
+
+def tiny_config(**overrides):
+  """The demo config shrunk to seconds: a 1-layer model, 2 prompts x 4 completions."""
+  return set_keys(demo.get_config(), {
+      **SMALL_RUN,
+      "model.demo.hidden_size": 32, "model.demo.intermediate_size": 64,
+      "model.demo.num_layers": 1, "model.demo.num_heads": 2, "model.demo.num_kv_heads": 1,
+      "data.source": "synthetic:arithmetic:digits=1", "sampler.max_new_tokens": 12,
+      "train.learning_rate": 1e-3, "train.warmup_steps": 0, "sft.num_steps": 0,
+      "eval.every_steps": 0, "mesh.shape": (1, -1, 1),
+      **overrides})
 
 
 def train_records(workdir):
@@ -175,19 +173,8 @@ def test_hf_config_trains_a_local_checkpoint_on_jsonl(tmp_path):
   data_file.write_text("".join(
       json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
       for i in range(24)))
-  cfg = hf.get_config(f"model={ckpt},data={data_file}")
-  cfg.data.prompts_per_step = 2
-  cfg.data.num_eval_rows = 4
-  cfg.data.max_prompt_len = 64
-  cfg.grpo.num_generations = 4
-  cfg.sampler.max_new_tokens = 8
-  cfg.train.num_steps = 2
-  cfg.eval.num_prompts = 2
-  cfg.eval.k = 2
-  cfg.checkpoint.every_steps = 0
-  cfg.checkpoint.async_save = False
-  cfg.logging.tensorboard = False
-  cfg.logging.plot = False
+  cfg = set_keys(hf.get_config(f"model={ckpt},data={data_file}"), {
+      **SMALL_RUN, "data.max_prompt_len": 64, "sampler.max_new_tokens": 8})
   main_lib.run(cfg, str(tmp_path / "run"))
   records = train_records(str(tmp_path / "run"))
   assert [r["step"] for r in records] == [1, 2]
