@@ -13,19 +13,22 @@ from grpo_jax.models.config import ModelConfig
 class KVCache:
   """Keys and values of every layer for S slots, and which slots hold a real token.
 
-  k, v: [L, B, S, Hkv, K] in the compute dtype; valid: [B, S] bool.
+  k, v: L arrays [B, Hkv, S, K] in the compute dtype, one per layer (not one stacked array, whose
+  per-layer slices would be copied) with heads before slots (so attention reads them without a
+  transpose); valid: [B, S] bool.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
   """An empty cache of max_len slots: zeros, no slot valid."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
   return KVCache(
-      k=jnp.zeros(shape, config.compute_dtype),
-      v=jnp.zeros(shape, config.compute_dtype),
+      k=zeros(),
+      v=zeros(),
       valid=jnp.zeros((batch, max_len), jnp.bool_),
   )
