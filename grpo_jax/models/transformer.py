@@ -49,20 +49,19 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _attend(q_bthk: jax.Array, k: jax.Array, v: jax.Array, mask_bts: jax.Array,
-            kv_layout: str = "bshk") -> jax.Array:
+def _attend(q_bthk: jax.Array, k_bhsk: jax.Array, v_bhsk: jax.Array, mask_bts: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(K) + mask) v with grouped kv heads; scores and softmax in float32.
 
-  k, v: [B, S, Hkv, K] (kv_layout "bshk", fresh projections) or [B, Hkv, S, K] ("bhsk", the
-  cache's layout, which a batched matmul over (B, Hkv) reads without transposing it).
+  Keys and values come heads first, [B, Hkv, S, K] (the cache's layout), and the queries are
+  put the same way, so that both matmuls are plain batched ones over (B, Hkv).
   """
   b, t, h, k_dim = q_bthk.shape
-  hkv = k.shape[kv_layout.index("h")]
-  q = q_bthk.reshape(b, t, hkv, h // hkv, k_dim)  # [B, T, Hkv, R, K]
-  scores = jnp.einsum(f"bthrk,{kv_layout}->bhrts", q, k, preferred_element_type=jnp.float32)
+  hkv = k_bhsk.shape[1]
+  q = q_bthk.reshape(b, t, hkv, h // hkv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, R, T, K]
+  scores = jnp.einsum("bhrtk,bhsk->bhrts", q, k_bhsk, preferred_element_type=jnp.float32)
   scores = jnp.where(mask_bts[:, None, None], scores * k_dim**-0.5, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bhrts,{kv_layout}->bhrtk", probs, v)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bhsk.dtype)
+  out = jnp.einsum("bhrts,bhsk->bhrtk", probs, v_bhsk)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
 
 
@@ -103,16 +102,16 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is None:
-      out = _attend(q, k, v, mask_bts)
-    else:
-      def write(layers, x_bthk):  # this layer's slots [cache_index, +T) <- x, as [B, Hkv, T, K]
-        x_bhtk = x_bthk.transpose(0, 2, 1, 3).astype(layers[layer].dtype)
-        new = jax.lax.dynamic_update_slice(layers[layer], x_bhtk, (0, 0, cache_index, 0))
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, K]
+    if cache is not None:
+      def write(layers, x_bhtk):  # this layer's slots [cache_index, +T) <- x
+        new = jax.lax.dynamic_update_slice(
+            layers[layer], x_bhtk.astype(layers[layer].dtype), (0, 0, cache_index, 0))
         return layers[:layer] + (new,) + layers[layer + 1:]
 
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
-      out = _attend(q, cache.k[layer], cache.v[layer], mask_bts, kv_layout="bhsk")
+      k, v = cache.k[layer], cache.v[layer]
+    out = _attend(q, k, v, mask_bts)
     y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
