@@ -29,6 +29,7 @@ CASES = {
 }
 PARITY_ATOL = 2e-4
 CACHE_ATOL = 1e-4
+GRAD_RTOL = 1e-4  # of each tensor's largest gradient entry
 # bf16 params and activations vs float32 on logits of mean |l| ~1.3, max ~7: measured max
 # 0.14, mean 0.02 (transformers' own bf16 forward is 0.18 max away from its float32 one).
 BF16_MAX_ATOL = 0.3
@@ -80,6 +81,42 @@ def test_logits_match_transformers_with_left_padding(checkpoints, name):
   diff = _max_diff_on_valid(ours, _hf_logits(directory, tokens, mask), mask)
   print(f"parity {name}: max |diff| = {diff:.2e}")
   assert diff < PARITY_ATOL
+
+
+@pytest.mark.parametrize("name", ["llama3_tied", "qwen2", "qwen3"])
+def test_gradients_match_transformers(checkpoints, name, tmp_path):
+  """d/dparams of sum_t w_t log p(x_t+1 | x_<=t) (w random, padding masked) against PyTorch's
+  autograd through transformers' model; ours go through save_pretrained to get HF names."""
+  directory = checkpoints(name)
+  model = models.from_pretrained(directory)
+  tokens, mask = _batch(model.config.vocab_size)
+  # A weight per predicted token (like advantages), zero where the input is padding.
+  weights = (np.random.RandomState(2).randn(*tokens.shape) * mask)[:, :-1].astype(np.float32)
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(jnp.asarray(tokens), jnp.asarray(mask))[:, :-1]
+    logps = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+    return jnp.sum(logps * weights)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  nnx.update(model, grads)
+  models.save_pretrained(model, tmp_path)
+  ours = load_file(tmp_path / "model.safetensors")
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  logits = hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+              position_ids=torch.tensor(positions)).logits[:, :-1]
+  logps = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[:, 1:, None], dtype=torch.long))[..., 0]
+  (logps * torch.tensor(weights)).sum().backward()
+  theirs = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+
+  assert set(ours) == set(theirs)
+  worst = max(float(np.abs(ours[n] - theirs[n]).max() / (np.abs(theirs[n]).max() + 1e-6)) for n in ours)
+  print(f"gradients {name}: max |diff| / max |grad| per tensor = {worst:.1e}")
+  assert worst < GRAD_RTOL
 
 
 @pytest.mark.parametrize("name", ["llama3_untied", "qwen2", "qwen3"])
