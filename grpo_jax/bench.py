@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -255,7 +256,6 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
   """
   cfg, graphdef, state = trainer.step_cfg, trainer.graphdef, trainer.state
   g, n = cfg.num_generations, cfg.sampling.max_new_tokens
-  t = batch.prompt_tokens.shape[1]
   prompt_tokens = jnp.repeat(batch.prompt_tokens, g, axis=0)  # [R, T]
   prompt_mask = jnp.repeat(batch.prompt_mask, g, axis=0)
   key = jax.random.key(0)
@@ -265,9 +265,9 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
       warmup=warmup)
   out = sampler.generate_jit(graphdef, state.params, prompt_tokens, prompt_mask, key,
                              settings=cfg.sampling)
-  seq_tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)  # [R, T + N]
-  seq_mask = jnp.concatenate([prompt_mask, out.mask], axis=1)
-  logps_of = functools.partial(train_step_lib.completion_logps, graphdef, prompt_len=t,
+  seqs = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
+              mask=out.mask)
+  logps_of = functools.partial(train_step_lib.rows_logps, graphdef, num_generations=g,
                                temperature=cfg.sampling.temperature or 1.0)
 
   policies = {}  # the log-probs the step computes before its updates
@@ -275,18 +275,18 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
     policies["old"] = state.params
   if cfg.beta > 0:
     policies["ref"] = state.ref_params
-  logps_jit = jax.jit(lambda ps, s, m: {k: logps_of(p, s, m) for k, p in ps.items()})
+  logps_jit = jax.jit(lambda ps, rows: {k: logps_of(p, rows) for k, p in ps.items()})
   logps_s = 0.0
   if policies:
-    logps_s = time_compiled(logps_jit, (policies, seq_tokens, seq_mask), {}, steps,
-                            vary=lambda a, i: a, warmup=warmup).step_s
-  logps = logps_jit(policies, seq_tokens, seq_mask)
+    logps_s = time_compiled(logps_jit, (policies, seqs), {}, steps, vary=lambda a, i: a,
+                            warmup=warmup).step_s
+  logps = logps_jit(policies, seqs)
 
   @jax.jit
   def update(params, opt_state, rows):
     def loss_of(p):
       return loss_lib.grpo_loss(
-          logps_of(p, rows["tokens"], rows["mask"]), rows.get("old"), rows.get("ref"),
+          logps_of(p, rows), rows.get("old"), rows.get("ref"),
           rows["advs"], rows["loss_mask"], epsilon_low=cfg.epsilon_low,
           epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta, loss_type=cfg.loss_type,
           importance_sampling_level=cfg.importance_sampling_level, max_completion_length=n)[0]
@@ -294,8 +294,8 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
     return optax.apply_updates(params, updates), opt_state
 
   minibatch = prompt_tokens.shape[0] // cfg.minibatches
-  rows = dict(tokens=seq_tokens, mask=seq_mask, loss_mask=out.mask,
-              advs=jax.random.normal(key, (prompt_tokens.shape[0],)), **logps)
+  rows = dict(seqs, loss_mask=out.mask, advs=jax.random.normal(key, (prompt_tokens.shape[0],)),
+              **logps)
   rows = jax.tree.map(lambda x: x[:minibatch], rows)
   update_one = time_compiled(update, (state.params, state.opt_state, rows), {}, steps,
                              vary=lambda a, i: a, warmup=warmup)
@@ -332,8 +332,13 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
       result.update(bandwidth_bound(params, model.config, r, t, n, args.mem_bw_gbs,
                                     result["rollout_tokens_per_s"]))
     if args.peak_tflops:
-      # 6 P per token forward + backward, 2 P per token for each log-prob forward.
-      flops = 6 * num_params * mu * seq_tokens + 2 * num_params * seq_tokens * pieces["logps_passes"]
+      # 6 P per token forward + backward, 2 P per token for each log-prob forward, counting
+      # the tokens the model runs on: a prompt once per block of rows that share it.
+      g, rows_shards = cfg.grpo.num_generations, trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+      micro_rows = r // (cfg.grpo.minibatches_per_iteration * cfg.train.grad_accum_steps)
+      run_tokens = lambda rows: r * n + r // math.gcd(g, rows // rows_shards) * t
+      flops = (6 * num_params * mu * run_tokens(micro_rows) +
+               2 * num_params * run_tokens(r) * pieces["logps_passes"])
       result["train_flops"] = flops
       result["mfu"] = flops / (pieces["update_s"] + pieces["logps_s"]) / (args.peak_tflops * 1e12)
   return result

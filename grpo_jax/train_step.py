@@ -16,6 +16,7 @@ The state is donated. Randomness: `fold_in(state.key, state.step)`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -135,19 +136,48 @@ def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: i
   )
 
 
-def completion_logps(graphdef, params, seq_tokens, seq_mask, prompt_len: int,
-                     temperature: float) -> jax.Array:
-  """Log-probs [R, N] of the completion tokens seq_tokens[:, T:] under the model at params.
+def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
+                     completion_mask, temperature: float) -> jax.Array:
+  """Log-probs [R, N] float32 of completion_tokens [R, N] after their prompts, under params.
 
-  Token T + n is predicted by the hidden state at T + n - 1; the vocab projection is chunked
-  so that [R, N, V] float32 logits never exist.
+  prompt_tokens / prompt_mask [P, T] (left padded) are the prompts of the R = P * S rows, S
+  consecutive rows each (S = 1: one prompt per row). Each prompt runs through the model once
+  and its keys and values serve its S completions: the prompt costs 1/S of a forward over the
+  concatenated rows, whose log-probs these equal. Token T + n is predicted by the hidden state
+  at T + n - 1; the vocab projection is chunked so that [R, N, V] float32 logits never exist.
   """
   model = nnx.merge(graphdef, params)
-  h_rsd, _ = model.hidden(seq_tokens, positions=models.positions_from_mask(seq_mask),
-                          attention_mask=seq_mask)
-  h_rnd = h_rsd[:, prompt_len - 1:-1]
-  return logprobs_lib.chunked_token_logprobs(
-      h_rnd, model.unembed(), seq_tokens[:, prompt_len:], temperature=temperature)
+  num_prompts, t = prompt_tokens.shape
+  r, n = completion_tokens.shape
+  per_row = lambda x: jnp.repeat(x, r // num_prompts, axis=0)  # [P, ...] -> [R, ...]
+  remat = model.config.remat
+  cache = models.init_cache(model.config, num_prompts, t + n - 1)
+  h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
+                              attention_mask=prompt_mask, cache=cache, cache_index=0, remat=remat)
+  h_rnd = per_row(h_ptd[:, -1:])  # the last prompt token predicts the first completion token
+  if n > 1:
+    # Completion token n sits at position (real prompt tokens) + (real tokens up to n) - 1.
+    positions = per_row(prompt_mask.sum(-1, keepdims=True)) + jnp.cumsum(completion_mask, -1) - 1
+    h_rest, _ = model.hidden(
+        completion_tokens[:, :-1], positions=jnp.maximum(positions[:, :-1], 0),
+        attention_mask=completion_mask[:, :-1], cache=jax.tree.map(per_row, cache),
+        cache_index=t, remat=remat)
+    h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
+  return logprobs_lib.chunked_token_logprobs(h_rnd, model.unembed(), completion_tokens,
+                                             temperature=temperature)
+
+
+def rows_logps(graphdef, params, rows: dict[str, jax.Array], num_generations: int,
+               temperature: float, row_shards: int = 1) -> jax.Array:
+  """completion_logps [R, N] of rows: prompt_tokens / prompt_mask [R, T] (each prompt repeated
+  over its G consecutive rows), tokens / mask [R, N], split over row_shards devices.
+
+  Blocks of S = gcd(G, R / row_shards) rows share a prompt forward: S divides G (a block has
+  one prompt) and each shard's rows (so the prompts split over the shards like the rows).
+  """
+  share = math.gcd(num_generations, rows["tokens"].shape[0] // row_shards)
+  return completion_logps(graphdef, params, rows["prompt_tokens"][::share],
+                          rows["prompt_mask"][::share], rows["tokens"], rows["mask"], temperature)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -161,8 +191,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   metrics_sharding (replicated).
   """
   num_fns = len(cfg.reward_names)
+  row_shards = 1
   if state_shardings is not None:
     row_sharding = mesh_lib.batch_sharding(jax.tree.leaves(state_shardings.params)[0].mesh)
+    row_shards = math.prod(row_sharding.mesh.shape[axis] for axis in mesh_lib.BATCH_AXES)
 
   def host_rewards(row_ids, tokens, mask):
     total, per_fn, failed = reward_callback(np.asarray(row_ids), np.asarray(tokens), np.asarray(mask))
@@ -171,8 +203,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     g = cfg.num_generations
-    b, t = batch.prompt_tokens.shape
-    r = b * g  # rows
+    r = batch.prompt_tokens.shape[0] * g  # rows
     n = cfg.sampling.max_new_tokens
     temperature = cfg.sampling.temperature or 1.0  # greedy: log-probs at temperature 1
     key = jax.random.fold_in(state.key, state.step)
@@ -210,18 +241,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       keep_rows = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
       loss_mask = loss_mask * keep_rows[:, None].astype(jnp.int32)
 
-    # 4. Old and reference log-probs over prompt + completion.
-    seq_tokens = jnp.concatenate([prompt_tokens, out.tokens], axis=1)  # [R, T + N]
-    seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    logps_of = lambda params: jax.lax.stop_gradient(
-        completion_logps(graphdef, params, seq_tokens, seq_mask, t, temperature))
-    old_logps = logps_of(state.params) if cfg.needs_old_logps else None
-    ref_logps = logps_of(state.ref_params) if cfg.beta > 0 else None
+    # 4. Old and reference log-probs of the completions (a prompt's forward serves its group).
+    logps_of = lambda params, rows: rows_logps(graphdef, params, rows, g, temperature, row_shards)
+    rows = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
+                mask=completion_mask)
+    old_logps = ref_logps = None
+    if cfg.needs_old_logps:
+      old_logps = jax.lax.stop_gradient(logps_of(state.params, rows))
+    if cfg.beta > 0:
+      ref_logps = jax.lax.stop_gradient(logps_of(state.ref_params, rows))
 
     # 5. mu iterations over M minibatches of whole groups, A micro-batches each.
     m, a = cfg.minibatches, cfg.grad_accum_steps
-    rows = dict(seq_tokens=seq_tokens, seq_mask=seq_mask, advs=advs, loss_mask=loss_mask,
-                keep=keep_rows)
+    rows.update(advs=advs, loss_mask=loss_mask, keep=keep_rows)
     if old_logps is not None:
       rows["old_logps"] = old_logps
     if ref_logps is not None:
@@ -230,8 +262,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     rows = jax.tree.map(lambda x: x.reshape((m, a, r // (m * a)) + x.shape[1:]), rows)
 
     def micro_loss(params, micro, minibatch_tokens, minibatch_kept_rows):
-      logps = completion_logps(graphdef, params, micro["seq_tokens"], micro["seq_mask"], t,
-                               temperature)
+      logps = logps_of(params, micro)
       loss_type, num_items = cfg.loss_type, None
       if cfg.loss_type in ("bnpo", "dapo"):
         # Token-level normalisers are global over the minibatch: sum over micro-batches.

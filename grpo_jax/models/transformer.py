@@ -183,12 +183,16 @@ class Transformer(nnx.Module):
     return self.logits(h)
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
-             cache: KVCache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+             cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+             remat: bool | None = None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
     Token t of these T occupies slot cache_index + t and attends to the valid slots at or
     before it: without a cache the slots are these T tokens, with one they are the cache's
     S slots after the T new keys/values and validities are written at [cache_index, +T).
+    remat: rematerialise each block in the backward pass; None means config.remat without a
+    cache and no remat with one (decoding has no backward pass, and nnx.remat cannot run
+    inside the sampler's while_loop).
     """
     cd = self.config.compute_dtype
     x = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(cd)  # [B, T, D]
@@ -201,9 +205,9 @@ class Transformer(nnx.Module):
     query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
     key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
     mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
-    # Rematerialisation only pays in a backward pass; decoding with a cache has none (and
-    # nnx.remat cannot run inside the sampler's while_loop).
-    run = _run_block_remat if self.config.remat and cache is None else _run_block
+    if remat is None:
+      remat = self.config.remat and cache is None
+    run = _run_block_remat if remat else _run_block
     for layer, block in enumerate(self.layers):
       x, cache = run(block, x, cos, sin, mask, cache, cache_index, layer)
     return self.final_norm(x), cache
