@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -303,6 +302,23 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
           "update_s": update_one.step_s * cfg.num_iterations * cfg.minibatches}
 
 
+def train_flops(cfg: config_lib.Config, num_params: int, prompt_len: int, logps_passes: int,
+                row_shards: int = 1) -> int:
+  """Model FLOPs of a step's log-prob passes (2 P per token) and updates (6 P per token, mu
+  times), over the tokens the model runs on: each row's N - 1 completion tokens ahead of the
+  last, and a prompt once per block of rows that share it (train_step.prompt_share)."""
+  g, n = cfg.grpo.num_generations, cfg.sampler.max_new_tokens
+  r = cfg.data.prompts_per_step * g
+  micro_rows = r // (cfg.grpo.minibatches_per_iteration * cfg.train.grad_accum_steps)
+
+  def tokens(rows_per_pass):
+    share = train_step_lib.prompt_share(g, rows_per_pass, row_shards)
+    return r * (n - 1) + r // share * prompt_len
+
+  return (6 * num_params * cfg.grpo.num_iterations * tokens(micro_rows) +
+          2 * num_params * logps_passes * tokens(r))
+
+
 def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str, Any]:
   """Times the compiled GRPO step of `cfg` (see the module docstring for the figures)."""
   cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, tensorboard=False))
@@ -332,13 +348,8 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
       result.update(bandwidth_bound(params, model.config, r, t, n, args.mem_bw_gbs,
                                     result["rollout_tokens_per_s"]))
     if args.peak_tflops:
-      # 6 P per token forward + backward, 2 P per token for each log-prob forward, counting
-      # the tokens the model runs on: a prompt once per block of rows that share it.
-      g, rows_shards = cfg.grpo.num_generations, trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-      micro_rows = r // (cfg.grpo.minibatches_per_iteration * cfg.train.grad_accum_steps)
-      run_tokens = lambda rows: r * n + r // math.gcd(g, rows // rows_shards) * t
-      flops = (6 * num_params * mu * run_tokens(micro_rows) +
-               2 * num_params * run_tokens(r) * pieces["logps_passes"])
+      flops = train_flops(cfg, num_params, t, pieces["logps_passes"],
+                          trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"])
       result["train_flops"] = flops
       result["mfu"] = flops / (pieces["update_s"] + pieces["logps_s"]) / (args.peak_tflops * 1e12)
   return result

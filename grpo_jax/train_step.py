@@ -167,15 +167,22 @@ def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_to
                                              temperature=temperature)
 
 
+def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
+  """S, how many consecutive rows share a prompt forward in rows_logps: gcd(G, rows per shard).
+
+  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
+  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
+  """
+  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
+
+
 def rows_logps(graphdef, params, rows: dict[str, jax.Array], num_generations: int,
                temperature: float, row_shards: int = 1) -> jax.Array:
   """completion_logps [R, N] of rows: prompt_tokens / prompt_mask [R, T] (each prompt repeated
-  over its G consecutive rows), tokens / mask [R, N], split over row_shards devices.
-
-  Blocks of S = gcd(G, R / row_shards) rows share a prompt forward: S divides G (a block has
-  one prompt) and each shard's rows (so the prompts split over the shards like the rows).
+  over its G consecutive rows, the first row at a group boundary), tokens / mask [R, N], split
+  over row_shards devices; each block of prompt_share(...) rows runs its prompt once.
   """
-  share = math.gcd(num_generations, rows["tokens"].shape[0] // row_shards)
+  share = prompt_share(num_generations, rows["tokens"].shape[0], row_shards)
   return completion_logps(graphdef, params, rows["prompt_tokens"][::share],
                           rows["prompt_mask"][::share], rows["tokens"], rows["mask"], temperature)
 

@@ -44,6 +44,20 @@ def test_qwen_shape_has_transformers_parameter_count():
   assert ours == sum(p.numel() for p in hf.parameters())
 
 
+@pytest.mark.parametrize("accum, shards, update_share, logps_share",
+                         [(1, 1, 4, 4), (4, 1, 4, 4), (4, 4, 2, 4), (2, 8, 2, 4), (4, 8, 1, 4)])
+def test_train_flops_count_a_prompt_once_per_block_of_rows_sharing_it(accum, shards, update_share,
+                                                                       logps_share):
+  from configs import demo
+  cfg = demo.get_config()
+  cfg.grpo.num_generations, cfg.data.prompts_per_step, cfg.sampler.max_new_tokens = 4, 8, 5
+  cfg.grpo.num_iterations, cfg.train.grad_accum_steps, cfg.mesh.shape = 2, accum, (-1, 1, 1)
+  p, t, rows = 1000, 3, 32
+  tokens = lambda share: rows * (5 - 1) + rows // share * t  # completions ahead of the last
+  want = 6 * p * 2 * tokens(update_share) + 2 * p * 1 * tokens(logps_share)  # mu = 2, 1 pass
+  assert bench.train_flops(config_lib.freeze(cfg), p, t, logps_passes=1, row_shards=shards) == want
+
+
 def test_scaling_varies_one_size_at_a_time_and_measures_each_config_once(monkeypatch, tmp_path):
   seen = []
 

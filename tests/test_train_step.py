@@ -67,10 +67,11 @@ def test_shared_prompt_gradients_equal_a_full_forward(remat):
 
 
 @pytest.mark.parametrize("rows, shards, share", [(6, 1, 3), (6, 2, 3), (4, 1, 1), (12, 2, 3),
-                                                 (3, 1, 3), (2, 2, 1)])
+                                                 (3, 1, 3), (2, 2, 1), (3, 2, 3)])
 def test_rows_share_a_prompt_in_blocks_that_divide_groups_and_shards(rows, shards, share,
                                                                       monkeypatch):
-  """rows_logps passes every S-th row's prompt: S = gcd(G, rows per shard)."""
+  """rows_logps passes every S-th row's prompt: S = gcd(G, rows per shard), or gcd(G, rows)
+  when the rows do not split evenly over the shards."""
   seen = []
   monkeypatch.setattr(train_step_lib, "completion_logps",
                       lambda graphdef, params, prompt_tokens, *rest: seen.append(prompt_tokens.shape[0]))
