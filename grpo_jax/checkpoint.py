@@ -81,6 +81,12 @@ class Checkpointer:
             _META: ocp.args.JsonRestore()}))
     return restored[_STATE], dict(restored[_META])
 
+  def delete_all(self) -> None:
+    """Deletes every checkpoint of this directory (call it on every process)."""
+    self.wait()
+    for step in self.all_steps():
+      self._manager.delete(step)
+
   def wait(self) -> None:
     """Blocks until an async save has finished writing."""
     self._manager.wait_until_finished()

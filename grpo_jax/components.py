@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
+from absl import logging
 
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
@@ -139,3 +141,19 @@ def init_distributed() -> None:
                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID too") from None
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
+
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    logging.warning("signal %d: finishing this step, checkpointing, then exiting", signum)
+    self.requested = True

@@ -9,7 +9,6 @@ SIGINT finishes the current step, checkpoints it and exits 0.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any
 
@@ -34,22 +33,6 @@ from grpo_jax import sft as sft_lib
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError, exit_on_user_error
 
-
-
-class StopRequest:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested:  # a second signal: stop now
-      raise KeyboardInterrupt
-    logging.warning("signal %d: finishing this step, checkpointing, then exiting", signum)
-    self.requested = True
 
 
 def step_config(cfg: config_lib.Config, scorer, tokenizer, model) -> train_step_lib.StepConfig:
@@ -161,8 +144,11 @@ class Trainer:
   def restore(self) -> int:
     """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
     step = self.ckpt.latest_step()
-    if step is None:  # records of an attempt that died before its first checkpoint go
-      self.writer.truncate_after(-1)
+    if step is None:
+      # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
+      # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
+      if self.cfg.sft.num_steps <= 0:
+        self.writer.truncate_after(-1)
       return -1
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
@@ -176,13 +162,21 @@ class Trainer:
       print(f"resumed from {self.workdir}/checkpoints/{step}", flush=True)
     return step
 
-  def warm_start(self) -> None:
-    """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result."""
+  def warm_start(self, stop: components.StopRequest) -> bool:
+    """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result.
+
+    SFT checkpoints under <workdir>/checkpoints_sft and resumes from there; returns False
+    when a signal stopped it (its last step checkpointed).
+    """
     if self.cfg.sft.num_steps <= 0:
-      return
-    params = sft_lib.train(self.cfg, self.tokenizer, self.graphdef, self.state.params,
-                           self.writer)
-    self.state = self.new_state(params)
+      return True
+    ckpt = sft_lib.checkpointer(self.cfg, self.workdir)
+    params, finished = sft_lib.train(self.cfg, self.tokenizer, self.graphdef, self.state.params,
+                                     self.writer, ckpt=ckpt, stop=stop)
+    ckpt.close()
+    if finished:
+      self.state = self.new_state(params)
+    return finished
 
   # -- the loop ----------------------------------------------------------------------------
 
@@ -190,16 +184,21 @@ class Trainer:
     """Trains to train.num_steps. A checkpoint at step k is taken only after every record of
     step k is written, so a run killed at any moment resumes to the same metrics."""
     cfg = self.cfg
-    stop = StopRequest()
+    stop = components.StopRequest()
     start = self.restore()
     first_eval: dict[str, float] = {}
     if start < 0:
-      self.warm_start()
+      if not self.warm_start(stop):
+        self.writer.close()
+        return {}
       start = 0
       first_eval = self.evaluate(0)
       self.writer.write(0, first_eval)
       self._print_eval("before GRPO", first_eval)
       self.save(0, force=True)
+      if cfg.sft.num_steps > 0:  # once step 0 is on disk, a restart never goes back to SFT
+        self.ckpt.wait()
+        sft_lib.delete_checkpoints(cfg, self.workdir)
       if stop.requested:
         return self._stopped(0)
     progress = metrics_lib.Progress(cfg.train.num_steps, every_s=cfg.logging.progress_every_s,

@@ -108,11 +108,19 @@ class MetricsWriter:
     metrics.jsonl is rewritten atomically (temporary file, then rename); TensorBoard
     is told to discard its events after `step` (a purge step in the event log).
     """
+    self._keep_only(lambda r: r["step"] <= step, purge_step=step + 1)
+
+  def keep_sft_records_upto(self, sft_step: int) -> None:
+    """Drops every record but the SFT records of steps up to `sft_step`, before SFT resumed
+    from that step (0: a fresh start) writes the rest; TensorBoard discards everything."""
+    self._keep_only(lambda r: r.get("sft/step", sft_step + 1) <= sft_step, purge_step=0)
+
+  def _keep_only(self, keep: Callable[[dict[str, Any]], bool], purge_step: int) -> None:
     if not self.enabled:
       return
     self._close_files()
     path = os.path.join(self.workdir, METRICS_FILE)
-    kept = [r for r in read_metrics(self.workdir) if r["step"] <= step]
+    kept = [r for r in read_metrics(self.workdir) if keep(r)]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       for r in kept:
@@ -120,7 +128,7 @@ class MetricsWriter:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-    self._open(purge_step=step + 1)
+    self._open(purge_step=purge_step)
 
   def _close_files(self) -> None:
     if self._file is not None:

@@ -6,10 +6,14 @@ Trains on prompt/response rows: a JSONL file whose rows hold "prompt" and "respo
 (what `grpo_jax.rejection_sample` writes), or a synthetic task's worked solutions. The loss
 is the mean negative log-likelihood of the response tokens (and EOS). At the end the model
 is written as a Hugging Face checkpoint to <workdir>/hf, ready for `model.path`.
+
+Like GRPO, SFT checkpoints every checkpoint.every_steps steps (to <workdir>/checkpoints_sft)
+and on SIGTERM / Ctrl-C; the same command resumes it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import jax
@@ -18,6 +22,7 @@ import optax
 from absl import flags, logging
 from flax import nnx
 
+from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import cli
 from grpo_jax import components
 from grpo_jax import config as config_lib
@@ -68,11 +73,33 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation):
   return sft_step
 
 
+SFT_CHECKPOINTS = "checkpoints_sft"  # under the workdir, beside GRPO's "checkpoints"
+
+
+def checkpointer(cfg: config_lib.Config, workdir: str) -> checkpoint_lib.Checkpointer:
+  """Where SFT keeps its newest checkpoint, saved every checkpoint.every_steps SFT steps."""
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, SFT_CHECKPOINTS), keep=1,
+                                     every_steps=cfg.checkpoint.every_steps,
+                                     async_save=cfg.checkpoint.async_save)
+
+
+def delete_checkpoints(cfg: config_lib.Config, workdir: str) -> None:
+  """Removes SFT's checkpoints (GRPO, once it has its own, never resumes from them)."""
+  ckpt = checkpointer(cfg, workdir)
+  ckpt.delete_all()
+  ckpt.close()
+
+
 def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_lib.MetricsWriter,
-          rows: Sequence[dict[str, Any]] | None = None):
-  """Runs cfg.sft.num_steps SFT updates from params; returns the new params.
+          rows: Sequence[dict[str, Any]] | None = None, *,
+          ckpt: checkpoint_lib.Checkpointer | None = None,
+          stop: components.StopRequest | None = None) -> tuple[Any, bool]:
+  """Runs cfg.sft.num_steps SFT updates from params; returns (params, finished).
 
   Metrics go to the writer as step-0 records with "sft/step", "sft/loss", "sft/grad_norm".
+  With `ckpt`, SFT resumes from its newest checkpoint (params, optimizer state, position in
+  the data) and saves one every checkpoint.every_steps steps; once `stop.requested` (SIGTERM
+  or Ctrl-C) it saves the step it has just finished and returns finished=False.
   """
   rows = list(rows if rows is not None else sft_rows(cfg))
   if not rows:
@@ -81,26 +108,43 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   tx, _ = train_step_lib.make_optimizer(
       learning_rate=s.learning_rate, total_updates=s.num_steps, warmup_steps=s.num_steps // 10,
       max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay)
-  opt_state = tx.init(params)
+  state = {"params": params, "opt_state": tx.init(params)}
   step_fn = make_sft_step(graphdef, tx)
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
+  start = (ckpt.latest_step() if ckpt is not None else None) or 0
+  if start:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta = ckpt.restore(abstract, step=start)
+    stream.restore(meta["data"])
+    if writer.enabled:
+      print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
+  writer.keep_sft_records_upto(start)  # what an interrupted attempt wrote after it goes
   progress = metrics_lib.Progress(s.num_steps, every_s=cfg.logging.progress_every_s,
                                   enabled=writer.enabled, title="sft")
-  for i in range(1, s.num_steps + 1):
+  for i in range(start + 1, s.num_steps + 1):
     batch = stream.next()
     prompts = [data_lib.format_prompt(tokenizer, r["prompt"],
                                       use_chat_template=cfg.data.use_chat_template,
                                       system_prompt=cfg.data.system_prompt) for r in batch]
     tokens, loss_mask, attention_mask = data_lib.encode_sft(
         tokenizer, prompts, [response_of(r) for r in batch], max_len=s.max_len)
-    params, opt_state, loss, grad_norm = step_fn(params, opt_state, jnp.asarray(tokens),
-                                                 jnp.asarray(loss_mask),
+    params, opt_state, loss, grad_norm = step_fn(state["params"], state["opt_state"],
+                                                 jnp.asarray(tokens), jnp.asarray(loss_mask),
                                                  jnp.asarray(attention_mask))
+    state = {"params": params, "opt_state": opt_state}
     if i % cfg.logging.every_steps == 0 or i == s.num_steps:
       record = {"sft/step": i, "sft/loss": float(loss), "sft/grad_norm": float(grad_norm)}
       writer.write(0, record)
       progress.update(i, record)
-  return params
+    stopping = stop is not None and stop.requested and i < s.num_steps
+    if ckpt is not None and i < s.num_steps:
+      ckpt.save(i, state, {"data": stream.state()}, force=stopping)
+    if stopping:
+      logging.warning("stopped at SFT step %d after a signal%s", i,
+                      "; checkpoint saved" if ckpt is not None else "")
+      return state["params"], False
+  return state["params"], True
 
 
 @exit_on_user_error
@@ -116,19 +160,27 @@ def run(config, workdir: str | None) -> str:
   graphdef, params = nnx.split(model)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                      tensorboard=cfg.logging.tensorboard)
-  params = train(cfg, tokenizer, graphdef, params, writer)
+  ckpt = checkpointer(cfg, workdir)
+  params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
+                           stop=components.StopRequest())
+  ckpt.close()
+  writer.close()
+  if not finished:
+    return ""
   out_dir = f"{workdir}/hf"
   if jax.process_index() == 0:
     models.save_pretrained(nnx.merge(graphdef, params), out_dir)
     tokenizer.save_pretrained(out_dir)
     logging.info("wrote %s", out_dir)
-  writer.close()
+  delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
   return out_dir
 
 
 def main(argv) -> None:
   del argv
-  print(run(flags.FLAGS.config, flags.FLAGS.workdir))
+  out_dir = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  if out_dir:  # empty: stopped by a signal, to be resumed by the same command
+    print(out_dir)
 
 
 if __name__ == "__main__":

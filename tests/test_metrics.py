@@ -1,4 +1,4 @@
-"""metrics.jsonl round trip, TensorBoard events, truncate_after, progress line, plot."""
+"""metrics.jsonl round trip, TensorBoard events, truncation on resume, progress line, plot."""
 
 import io
 import json
@@ -103,6 +103,24 @@ def test_truncate_after_drops_rerun_steps_in_jsonl_and_tensorboard(tmp_path):
   assert not (tmp_path / "metrics.jsonl.tmp").exists()
   assert _event_scalars(str(tmp_path / "tb"))["train/loss"] == [
       (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_sft_resume_keeps_only_sft_records_up_to_its_checkpoint(tmp_path):
+  w = metrics.MetricsWriter(tmp_path, tensorboard=False)
+  for i in range(1, 6):
+    w.write(0, {"sft/step": i, "sft/loss": float(i)})
+  w.write(0, {"eval/pass@1": 0.5})  # written after SFT by an attempt that died before step 0
+  w.close()
+  w = metrics.MetricsWriter(tmp_path, tensorboard=False)
+  w.keep_sft_records_upto(3)
+  w.write(0, {"sft/step": 4, "sft/loss": 40.0})
+  w.close()
+  assert [(r["sft/step"], r["sft/loss"]) for r in metrics.read_metrics(tmp_path)] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+  w = metrics.MetricsWriter(tmp_path, tensorboard=False)
+  w.keep_sft_records_upto(0)  # a fresh start
+  w.close()
+  assert metrics.read_metrics(tmp_path) == []
 
 
 def test_check_finite_names_bad_values():

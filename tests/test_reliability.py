@@ -152,6 +152,61 @@ def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metri
       assert got[key] == want[key], (got["step"], key, got[key], want[key])
 
 
+SFT_STEPS = 40
+
+
+def sft_steps(workdir):
+  return [r["sft/step"] for r in metrics_lib.read_metrics(workdir) if "sft/step" in r]
+
+
+def wait_for_sft_step(workdir, proc, step, timeout=240.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    steps = sft_steps(workdir)
+    if steps and steps[-1] >= step:
+      return
+    assert proc.poll() is None, proc.communicate()[0]
+    time.sleep(0.01)
+  raise TimeoutError(f"no SFT record at step {step} in {workdir}")
+
+
+def test_preempted_cold_start_sft_resumes_to_the_uninterrupted_metrics(tmp_path):
+  """SIGTERM during the warm-start SFT: exit 0 with SFT's step checkpointed; then a SIGKILL
+  mid-SFT; the restarts resume SFT where it was and the run ends with the records of an
+  uninterrupted one. SFT's checkpoints are gone once GRPO has its step 0."""
+  cfg = lambda: tiny_config(**{"sft.num_steps": SFT_STEPS, "sft.batch_size": 4,
+                               "sft.max_len": 64, "train.num_steps": 2,
+                               "checkpoint.every_steps": 5, "eval.num_prompts": 0})
+  straight, workdir = tmp_path / "straight", tmp_path / "interrupted"
+  out, _ = start_run(straight, cfg()).communicate(timeout=300)
+  assert "resumed" not in out
+
+  proc = start_run(workdir, cfg())
+  wait_for_sft_step(workdir, proc, 3)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in out, out
+  stopped = sft_steps(workdir)[-1]
+  assert stopped < SFT_STEPS and not train_records(workdir)
+  sft_ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints_sft", keep=1)
+  assert sft_ckpt.all_steps() == [stopped]
+  sft_ckpt.close()
+
+  proc = start_run(workdir, cfg())
+  wait_for_sft_step(workdir, proc, stopped + 8)  # past the next multiple of 5
+  proc.kill()
+  out, _ = proc.communicate(timeout=60)
+  assert f"resumed SFT from {workdir}/checkpoints_sft/{stopped}" in out, out
+
+  out, _ = start_run(workdir, cfg()).communicate(timeout=300)
+  assert re.search(r"resumed SFT from \S*/checkpoints_sft/(\d+)", out), out
+  assert sft_steps(workdir) == list(range(1, SFT_STEPS + 1)) == sft_steps(straight)
+  records = lambda d: [{k: v for k, v in r.items() if not k.startswith("perf/")}
+                       for r in metrics_lib.read_metrics(d)]
+  assert records(workdir) == records(straight)
+  assert not list((workdir / "checkpoints_sft").iterdir())
+
+
 # -- user errors: one line, exit 2, no traceback ---------------------------------------------
 
 
