@@ -106,7 +106,7 @@ class TrainCfg:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointCfg:
-  every_steps: int = 100  # GRPO steps, and cold-start SFT steps; 0 = only at the end and on SIGTERM
+  every_steps: int = 100  # GRPO and SFT steps; 0 = only at the end and on SIGTERM
   keep: int = 3
   async_save: bool = True
 
