@@ -119,7 +119,8 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
     stream.restore(meta["data"])
     if writer.enabled:
       print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
-  writer.keep_sft_records_upto(start)  # what an interrupted attempt wrote after it goes
+  if ckpt is not None:
+    writer.keep_sft_records_upto(start)  # what an interrupted attempt wrote after it goes
   progress = metrics_lib.Progress(s.num_steps, every_s=cfg.logging.progress_every_s,
                                   enabled=writer.enabled, title="sft")
   for i in range(start + 1, s.num_steps + 1):
