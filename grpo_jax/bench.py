@@ -52,6 +52,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import main as main_lib
+from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import sampler
 from grpo_jax import train_step as train_step_lib
@@ -349,7 +350,7 @@ def bench_step(cfg: config_lib.Config, workdir: str, args: StepArgs) -> dict[str
                                     result["rollout_tokens_per_s"]))
     if args.peak_tflops:
       flops = train_flops(cfg, num_params, t, pieces["logps_passes"],
-                          trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"])
+                          mesh_lib.row_shards(trainer.mesh))
       result["train_flops"] = flops
       result["mfu"] = flops / (pieces["update_s"] + pieces["logps_s"]) / (args.peak_tflops * 1e12)
   return result

@@ -94,6 +94,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def row_shards(mesh: Mesh) -> int:
+  """How many ways batch_sharding splits the rows: the product of the batch axes' sizes."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

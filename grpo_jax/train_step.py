@@ -201,7 +201,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   row_shards = 1
   if state_shardings is not None:
     row_sharding = mesh_lib.batch_sharding(jax.tree.leaves(state_shardings.params)[0].mesh)
-    row_shards = math.prod(row_sharding.mesh.shape[axis] for axis in mesh_lib.BATCH_AXES)
+    row_shards = mesh_lib.row_shards(row_sharding.mesh)
 
   def host_rewards(row_ids, tokens, mask):
     total, per_fn, failed = reward_callback(np.asarray(row_ids), np.asarray(tokens), np.asarray(mask))
