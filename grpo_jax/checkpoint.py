@@ -30,7 +30,8 @@ class Checkpointer:
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_names=(_STATE, _META),
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                       _META: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=async_save,
@@ -74,12 +75,37 @@ class Checkpointer:
     if step not in steps:
       raise UserError(f"no complete checkpoint for step {step} in {self.directory}; "
                       f"available steps: {steps or 'none'}")
+    self._check_layout(step, abstract_state)
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(abstract_state),
             _META: ocp.args.JsonRestore()}))
     return restored[_STATE], dict(restored[_META])
+
+  def _check_layout(self, step: int, abstract_state: Any) -> None:
+    """Raises a UserError when the saved arrays' names or shapes differ from the target's.
+
+    That happens when a run resumes with another model shape or optimizer than it was
+    saved with; Orbax would fail deep inside with a traceback. Dtypes may differ (the
+    restore casts).
+    """
+    saved = _shapes(self._manager.item_metadata(step)[_STATE].tree)
+    wanted = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    problems = []
+    for k in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[0] != "params", k)):
+      if k not in wanted:
+        problems.append(f"{_name(k)} is in the checkpoint but not in this config's state")
+      elif k not in saved:
+        problems.append(f"{_name(k)} is not in the checkpoint")
+      elif wanted[k] != saved[k]:
+        problems.append(f"{_name(k)} has shape {wanted[k]} here and {saved[k]} in the checkpoint")
+    if problems:
+      more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+      raise UserError(
+          f"checkpoint {self.directory}/{step} was written with another model or optimizer "
+          f"config: {problems[0]}{more}; resume with the config it was written with, or "
+          "start in a new workdir")
 
   def delete_all(self) -> None:
     """Deletes every checkpoint of this directory (call it on every process)."""
@@ -94,3 +120,13 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's resources."""
     self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...] | None]:
+  """Flat {path: shape} of a nested-dict tree of arrays (None for an empty node)."""
+  return {k: (tuple(v.shape) if hasattr(v, "shape") else None)
+          for k, v in ocp.tree.to_flat_dict(tree).items()}
+
+
+def _name(path: tuple[str, ...]) -> str:
+  return "/".join(p for p in path if p != "value")

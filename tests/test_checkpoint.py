@@ -138,3 +138,26 @@ def test_restore_of_a_missing_step_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match=r"step 4 .* available steps: \[3\]"):
     ckpt.restore(_abstract(_state()), step=4)
   ckpt.close()
+
+
+@pytest.mark.parametrize("change", ["shape", "extra", "missing"])
+def test_restore_into_another_layout_is_a_user_error(tmp_path, change):
+  state = _state()
+  ckpt = Checkpointer(tmp_path, keep=1, async_save=False)
+  ckpt.save(1, state, META, force=True)
+  target = _abstract(state)
+  if change == "shape":
+    target["params"]["w"] = jax.ShapeDtypeStruct((8, 5), jnp.float32)
+    expected = "params/w has shape (8, 5) here and (8, 4) in the checkpoint"
+  elif change == "extra":
+    target["params"]["b"] = jax.ShapeDtypeStruct((4,), jnp.float32)
+    expected = "params/b is not in the checkpoint"
+  else:
+    del target["tokens"]
+    expected = "tokens is in the checkpoint but not in this config's state"
+  with pytest.raises(UserError, match="another model or optimizer config") as e:
+    ckpt.restore(target)
+  assert expected in str(e.value)
+  assert "\n" not in str(e.value)
+  restored, _ = ckpt.restore(_abstract(state))  # the checkpoint itself is untouched
+  _assert_same(restored, state)

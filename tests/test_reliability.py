@@ -282,6 +282,19 @@ def test_bad_data_or_model_is_one_error_line(name, files, overrides, needles, tm
   assert_one_error_line(capsys.readouterr().err, *map(fill, needles))
 
 
+def test_resuming_with_another_model_shape_is_one_error_line(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  main_lib.run(tiny_config(**{"train.num_steps": 1, "checkpoint.async_save": False}), workdir)
+  capsys.readouterr()
+  wider = tiny_config(**{"train.num_steps": 2, "model.demo.intermediate_size": 96})
+  with pytest.raises(SystemExit) as exit_info:
+    main_lib.run(wider, workdir)
+  assert exit_info.value.code == 2
+  assert_one_error_line(capsys.readouterr().err, f"{workdir}/checkpoints/1",
+                        "another model or optimizer config",
+                        "params/layers/0/mlp/down has shape (96, 32) here and (64, 32)")
+
+
 def test_skip_bad_rows_skips_and_reports_the_count(tmp_path, caplog):
   good = "".join(f'{{"prompt": "What is {i}+1?", "answer": "{i + 1}"}}\n' for i in range(8))
   path = _write(tmp_path / "rows.jsonl", good + "{oops\n" + '{"answer": "1"}\n' + ROW)
