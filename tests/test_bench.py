@@ -12,6 +12,7 @@ from flax import nnx
 
 from grpo_jax import bench
 from grpo_jax import bench_trl
+from grpo_jax import cli
 from grpo_jax import config as config_lib
 from grpo_jax import models
 from tests import tiny_hf
@@ -138,3 +139,44 @@ def test_bad_model_flag_is_one_error_line():
   assert errors == ["error: --model='/no/such/dir' is not allowed: demo | qwen2.5-0.5b-shape | "
                     "a local Hugging Face checkpoint dir"], proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+_FAULTS_PER_CALL = """
+import resource, jax, jax.numpy as jnp
+from grpo_jax import cli
+tuned = cli.tune_host_malloc()
+def loss(w, x):  # an MLP's gradient: [4096, 1024] float32 temporaries (16 MB each)
+  h = jax.nn.silu(x @ w[0]) * (x @ w[1])
+  return jnp.sum((h @ w[2]) ** 2)
+grad = jax.jit(jax.grad(loss))
+k = jax.random.split(jax.random.key(0), 4)
+w = (jax.random.normal(k[0], (128, 1024)), jax.random.normal(k[1], (128, 1024)),
+     jax.random.normal(k[2], (1024, 128)))
+x = jax.random.normal(k[3], (4096, 128))
+jax.block_until_ready(grad(w, x))
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(grad(w, x))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, min(faults))  # the least: this machine's kernel also pages idle memory out
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_tuned_malloc_reuses_xla_temporaries_instead_of_faulting_them_in(monkeypatch):
+  def faults(**env):
+    # One CPU device, as a CPU run has.
+    base = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], check=True, text=True,
+                         capture_output=True, env={**base, **env})
+    tuned, per_call = out.stdout.split()
+    return tuned == "True", int(per_call)
+
+  tuned, per_call = faults()
+  untuned, per_call_untuned = faults(GRPO_JAX_TUNE_MALLOC="0")
+  assert tuned and not untuned
+  assert per_call_untuned > 12_000  # some of the 100 MB of temporaries, page by page
+  assert per_call < per_call_untuned / 20, (per_call, per_call_untuned)
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert not cli.tune_host_malloc()  # accelerators keep their temporaries on the device
