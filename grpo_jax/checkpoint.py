@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from grpo_jax.errors import UserError
@@ -62,13 +63,15 @@ class Checkpointer:
             _META: ocp.args.JsonSave(meta)}),
         force=True)
 
-  def restore(self, abstract_state: Any, *,
-              step: int | None = None) -> tuple[Any, dict[str, Any]]:
+  def restore(self, like: Any, *, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores (state, meta) of `step` (default: the newest).
 
-    `abstract_state` is the state's pytree of jax.ShapeDtypeStruct with shardings
-    (e.g. from jax.eval_shape); the arrays land directly in those shardings.
+    `like` is a pytree of arrays or jax.ShapeDtypeStruct with shardings (e.g. the freshly
+    initialised state, or jax.eval_shape of it); the restored arrays take its shapes, dtypes
+    and shardings.
     """
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     self.wait()
     steps = self.all_steps()
     step = steps[-1] if step is None and steps else step

@@ -150,9 +150,7 @@ class Trainer:
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-    self.state, meta = self.ckpt.restore(abstract, step=step)
+    self.state, meta = self.ckpt.restore(self.state, step=step)
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
       logging.warning("resuming step %d with a config that differs from the checkpoint's "

@@ -113,9 +113,7 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
   start = (ckpt.latest_step() if ckpt is not None else None) or 0
   if start:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = ckpt.restore(abstract, step=start)
+    state, meta = ckpt.restore(state, step=start)
     stream.restore(meta["data"])
     if writer.enabled:
       print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
