@@ -17,7 +17,8 @@ trainer runs it, and also the pieces of a step compiled as separate programs fro
 pure functions: sampling (`sampler.generate_from`), old + reference log-probs
 (`train_step.completion_logps`) and the update (the gradient of `loss.grpo_loss` over
 them, then the optimizer, once per minibatch); "other" is what the whole step takes beyond
-the pieces and the reward callback. On accelerators (or given --peak_tflops / --mem_bw_gbs)
+the pieces and the reward callback, and the host page faults per step (on CPU, temporaries
+the kernel maps in afresh: see `cli.tune_host_malloc`). On accelerators (or given --peak_tflops / --mem_bw_gbs)
 it also reports sampling against the memory-bandwidth bound and the update's MFU.
 --model=qwen2.5-0.5b-shape swaps in random weights in Qwen2.5-0.5B's shape.
 """
@@ -30,6 +31,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -226,7 +228,7 @@ class StepArgs:
 def time_train_steps(trainer: main_lib.Trainer, steps: int, warmup: int) -> dict[str, Any]:
   """Runs warmup + steps train steps as the trainer does (batch made outside the timing,
   metrics fetched inside it). Each prompt shape compiles once, outside the timing."""
-  compiled, compile_times, step_times, reward_times = {}, [], [], []
+  compiled, compile_times, step_times, reward_times, faults = {}, [], [], [], []
   state = trainer.state
   for i in range(warmup + steps):
     batch = trainer.batch()
@@ -235,16 +237,24 @@ def time_train_steps(trainer: main_lib.Trainer, steps: int, warmup: int) -> dict
       start = time.perf_counter()
       compiled[shape] = trainer.train_step.lower(state, batch).compile()
       compile_times.append(time.perf_counter() - start)
-    start, reward_start = time.perf_counter(), trainer.scorer.seconds
+    start, reward_start, faults_start = (time.perf_counter(), trainer.scorer.seconds,
+                                         _minor_faults())
     state, metrics = compiled[shape](state, batch)
     jax.device_get(metrics)
     if i >= warmup:
       step_times.append(time.perf_counter() - start)
       reward_times.append(trainer.scorer.seconds - reward_start)
+      faults.append(_minor_faults() - faults_start)
   trainer.state = state
   return {"compile_s": compile_times[0], "compiles": len(compile_times),
           "step_s": statistics.median(step_times), "step_times_s": step_times,
-          "reward_s": statistics.median(reward_times)}
+          "reward_s": statistics.median(reward_times),
+          "page_faults_per_step": statistics.median(faults)}
+
+
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (memory the kernel had to map in afresh)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, steps: int,
@@ -513,7 +523,8 @@ def step_rows(r: dict[str, Any]) -> list[list[str]]:
   """The figures of bench_step as (what, value) rows."""
   rows = [["step (median)", f"{r['step_s']:.4f} s"],
           ["compile", f"{r['compile_s']:.2f} s"],
-          ["completion tokens/s over the step", f"{r['step_rollout_tokens_per_s']:.0f}"]]
+          ["completion tokens/s over the step", f"{r['step_rollout_tokens_per_s']:.0f}"],
+          ["host page faults per step (median)", f"{r['page_faults_per_step']:.0f}"]]
   if "sampling_s" in r:
     rows += [["sampling", f"{r['sampling_s']:.4f} s"],
              [f"log-probs (old / reference: {r['logps_passes']} forward)",

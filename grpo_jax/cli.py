@@ -94,12 +94,12 @@ def tune_host_malloc() -> bool:
 
   XLA CPU allocates a call's temporaries afresh each time, and glibc gives large freed
   blocks back to the kernel (munmap, or dropping a thread's heap), so every GRPO step
-  faults its temporaries in again page by page: 73,000 faults (300 MB) per update on
-  the TRL comparison model, which runs a fifth to a half faster without them. One malloc
+  faults its temporaries in again page by page: 71,600 faults (280 MB) per step on the
+  TRL comparison model, whose update runs a fifth to a half faster without them. One malloc
   arena that never maps or trims makes them reusable (sampling, which never faulted, is
-  ~10-20% slower with it: BENCHMARKS.md "Host malloc"). Only on Linux with glibc, only when JAX runs on the
-  CPU (accelerators keep their temporaries on the device), and not when
-  GRPO_JAX_TUNE_MALLOC=0. Call it before JAX's first computation: threads started
+  0-20% slower with it: BENCHMARKS.md "Host malloc"). Only on Linux with glibc, only
+  when JAX runs on the CPU (accelerators keep their temporaries on the device), and not
+  when GRPO_JAX_TUNE_MALLOC=0. Call it before JAX's first computation: threads started
   earlier keep their own arenas.
   """
   if os.environ.get(TUNE_MALLOC_ENV, "1") == "0":

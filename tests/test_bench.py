@@ -128,6 +128,9 @@ def test_trl_comparison_command_runs_both_trainers(tmp_path):
   assert ours["other_s"] == pytest.approx(
       ours["step_s"] - ours["sampling_s"] - ours["logps_s"] - ours["update_s"] - ours["reward_s"])
   assert ours["rollout_tokens_per_s"] == pytest.approx(2 * 2 * 4 / ours["sampling_s"])
+  assert ours["page_faults_per_step"] >= 0
+  assert ["host page faults per step (median)", f"{ours['page_faults_per_step']:.0f}"] in (
+      bench.step_rows(ours))
   assert "grpo_jax vs TRL" in proc.stdout
 
 
