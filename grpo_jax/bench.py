@@ -269,12 +269,12 @@ def time_step_pieces(trainer: main_lib.Trainer, batch: train_step_lib.Batch, ste
   prompt_tokens = jnp.repeat(batch.prompt_tokens, g, axis=0)  # [R, T]
   prompt_mask = jnp.repeat(batch.prompt_mask, g, axis=0)
   key = jax.random.key(0)
+  sample_args = (graphdef, state.params, batch.prompt_tokens, batch.prompt_mask, key)
+  sample_static = {"settings": cfg.sampling, "samples_per_prompt": g}
   sampling = time_compiled(
-      sampler.generate_jit, (graphdef, state.params, prompt_tokens, prompt_mask, key),
-      {"settings": cfg.sampling}, steps, vary=lambda a, i: (*a[:4], jax.random.fold_in(key, i)),
-      warmup=warmup)
-  out = sampler.generate_jit(graphdef, state.params, prompt_tokens, prompt_mask, key,
-                             settings=cfg.sampling)
+      sampler.generate_jit, sample_args, sample_static, steps,
+      vary=lambda a, i: (*a[:4], jax.random.fold_in(key, i)), warmup=warmup)
+  out = sampler.generate_jit(*sample_args, **sample_static)
   seqs = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
               mask=out.mask)
   logps_of = functools.partial(train_step_lib.rows_logps, graphdef, num_generations=g,

@@ -6,6 +6,7 @@ Also the jitted sampling function that evaluation and rejection sampling share.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -19,12 +20,13 @@ from grpo_jax import sampler as sampler_lib
 
 
 def make_sample_fn(graphdef, settings: sampler_lib.SampleConfig):
-  """jit: (params, prompt_tokens [R, T], prompt_mask [R, T], key) -> (tokens, mask) [R, N]."""
+  """jit: (params, prompt_tokens [P, T], prompt_mask [P, T], key, samples_per_prompt=k) ->
+  (tokens, mask) [P * k, N], a prompt's k samples consecutive."""
 
-  @jax.jit
-  def sample(params, prompt_tokens, prompt_mask, key):
+  @functools.partial(jax.jit, static_argnames="samples_per_prompt")
+  def sample(params, prompt_tokens, prompt_mask, key, samples_per_prompt=1):
     out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
-                                    settings)
+                                    settings, samples_per_prompt)
     return out.tokens, out.mask.astype(jnp.int32)
 
   return sample
@@ -45,8 +47,8 @@ def sample_completions(sample_fn, params, tokenizer, rows: Sequence[dict[str, An
                                       system_prompt=system_prompt) for row in chunk]
     tokens, mask = data_lib.encode_prompts(tokenizer, prompts, buckets=buckets,
                                            max_prompt_len=max_prompt_len)
-    tokens, mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)
-    out_tokens, out_mask = sample_fn(params, tokens, mask, jax.random.fold_in(key, start))
+    out_tokens, out_mask = sample_fn(params, tokens, mask, jax.random.fold_in(key, start),
+                                     samples_per_prompt=k)
     out_tokens, out_mask = np.asarray(out_tokens), np.asarray(out_mask)
     texts += data_lib.decode_completions(tokenizer, out_tokens, out_mask)
     lengths += out_mask.sum(-1).tolist()

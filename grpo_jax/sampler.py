@@ -1,8 +1,9 @@
 """Compiled autoregressive sampling with a KV cache.
 
-One prefill forward over the left-padded prompts fills the cache, then a
-`lax.while_loop` decodes one token per iteration and exits as soon as every row
-has produced an EOS id (or N tokens). Nothing in the loop returns to the host.
+One prefill forward over the left-padded prompts fills the cache (once per prompt,
+however many completions are drawn from it), then a `lax.while_loop` decodes one
+token per iteration and exits as soon as every row has produced an EOS id (or N
+tokens). Nothing in the loop returns to the host.
 
 `generate` is the eager entry point (jitted here). `generate_from` is the pure
 function behind it, for callers that are already inside a trace (the GRPO train
@@ -142,10 +143,18 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 1
 
 
 def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                  key: jax.Array, settings: SampleConfig) -> SamplerOutput:
-  """Pure sampling from left-padded prompts [B, T]; traceable inside any jit."""
-  b, t = prompt_tokens.shape
+                  key: jax.Array, settings: SampleConfig,
+                  samples_per_prompt: int = 1) -> SamplerOutput:
+  """Pure sampling from left-padded prompts [P, T]; traceable inside any jit.
+
+  Returns B = P * samples_per_prompt rows, a prompt's samples consecutive: the rows of
+  jnp.repeat(prompt_tokens, samples_per_prompt, axis=0), drawn the same way, but each prompt
+  runs through the model once and its keys and values serve all of its samples.
+  """
+  p, t = prompt_tokens.shape
+  b = p * samples_per_prompt
   n = settings.max_new_tokens
+  per_row = lambda x: jnp.repeat(x, samples_per_prompt, axis=0)  # [P, ...] -> [B, ...]
   prompt_mask = prompt_mask.astype(jnp.int32)
   eos_ids = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
 
@@ -159,12 +168,13 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
       done_b = done_b | jnp.isin(tokens_b, eos_ids)
     return tokens_b, logprobs_b, done_b
 
-  # Prefill: one forward over the prompts; the last column is every row's last token.
-  positions_bt = models.positions_from_mask(prompt_mask)
-  cache = models.init_cache(model.config, b, t + n)
-  h_btd, cache = model.hidden(prompt_tokens, positions=positions_bt, attention_mask=prompt_mask,
-                              cache=cache, cache_index=0)
-  logits_bv = model.logits(h_btd[:, -1:])[:, 0]
+  # Prefill: one forward over the prompts into a cache of T slots, which then grows to the
+  # B rows and T + N slots of decoding; the last column is every prompt's last token.
+  h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
+                              attention_mask=prompt_mask, cache=models.init_cache(model.config, p, t),
+                              cache_index=0)
+  cache = models.expand_cache(cache, samples_per_prompt, t + n)
+  logits_bv = per_row(model.logits(h_ptd[:, -1:])[:, 0])
   first_b, first_lp_b, done_b = sample(logits_bv, key, 0, jnp.zeros((b,), bool))
   state = DecodeState(
       step=jnp.array(1, jnp.int32),
@@ -173,7 +183,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
       done=done_b,
       cache=cache,
       key=key,
-      positions=jnp.sum(prompt_mask, axis=-1),
+      positions=per_row(jnp.sum(prompt_mask, axis=-1)),
   )
 
   def cond(s: DecodeState):
@@ -204,24 +214,29 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
   return SamplerOutput(tokens=state.tokens, mask=mask_bn, logprobs=state.logprobs)
 
 
-@jax.jit(static_argnames=("settings",))
+@jax.jit(static_argnames=("settings", "samples_per_prompt"))
 def generate_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: jax.Array,
-                 prompt_mask: jax.Array, key: jax.Array, settings: SampleConfig) -> SamplerOutput:
+                 prompt_mask: jax.Array, key: jax.Array, settings: SampleConfig,
+                 samples_per_prompt: int = 1) -> SamplerOutput:
   """`generate_from` compiled over the split model (graphdef static, params traced)."""
-  return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings)
+  return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings,
+                       samples_per_prompt)
 
 
 def generate(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
              key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (),
-             pad_token_id: int = 0, stop_at_eos: bool = True) -> SamplerOutput:
-  """Samples N = max_new_tokens tokens after left-padded prompts [B, T] (compiled).
+             pad_token_id: int = 0, stop_at_eos: bool = True,
+             samples_per_prompt: int = 1) -> SamplerOutput:
+  """Samples N = max_new_tokens tokens after left-padded prompts [P, T] (compiled).
 
-  Compiles once per (B, T, N, settings); use `bucket_length` / `pad_prompts` to
-  keep T to a few values. See `sample_token` for what the log-probs are.
+  Returns P * samples_per_prompt rows, a prompt's samples consecutive (see `generate_from`).
+  Compiles once per (P, T, N, settings, samples_per_prompt); use `bucket_length` /
+  `pad_prompts` to keep T to a few values. See `sample_token` for what the log-probs are.
   """
   settings = SampleConfig(
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, stop_at_eos=stop_at_eos)
   graphdef, params = nnx.split(model)
-  return generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings)
+  return generate_jit(graphdef, params, prompt_tokens, prompt_mask, key, settings,
+                      samples_per_prompt)

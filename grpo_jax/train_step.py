@@ -2,7 +2,7 @@
 
 Inside the one compiled program:
 
-  prompts [B, T] --repeat G--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
+  prompts [B, T] --G samples each--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
     --> rewards [B*G] (Python reward functions, reached through `io_callback`)
     --> advantages [B*G] --> old (mu > 1 or several minibatches) and reference (beta > 0)
         log-probs [B*G, N]
@@ -151,7 +151,7 @@ def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_to
   r, n = completion_tokens.shape
   per_row = lambda x: jnp.repeat(x, r // num_prompts, axis=0)  # [P, ...] -> [R, ...]
   remat = model.config.remat
-  cache = models.init_cache(model.config, num_prompts, t + n - 1)
+  cache = models.init_cache(model.config, num_prompts, t)
   h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
                               attention_mask=prompt_mask, cache=cache, cache_index=0, remat=remat)
   h_rnd = per_row(h_ptd[:, -1:])  # the last prompt token predicts the first completion token
@@ -160,7 +160,8 @@ def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_to
     positions = per_row(prompt_mask.sum(-1, keepdims=True)) + jnp.cumsum(completion_mask, -1) - 1
     h_rest, _ = model.hidden(
         completion_tokens[:, :-1], positions=jnp.maximum(positions[:, :-1], 0),
-        attention_mask=completion_mask[:, :-1], cache=jax.tree.map(per_row, cache),
+        attention_mask=completion_mask[:, :-1],
+        cache=models.expand_cache(cache, r // num_prompts, t + n - 1),
         cache_index=t, remat=remat)
     h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
   return logprobs_lib.chunked_token_logprobs(h_rnd, model.unembed(), completion_tokens,
@@ -215,16 +216,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     temperature = cfg.sampling.temperature or 1.0  # greedy: log-probs at temperature 1
     key = jax.random.fold_in(state.key, state.step)
 
-    # 1. Rollout: G completions per prompt from pi_old (the current params).
-    prompt_tokens = jnp.repeat(batch.prompt_tokens, g, axis=0)  # [R, T]
-    prompt_mask = jnp.repeat(batch.prompt_mask, g, axis=0)
+    # 1. Rollout: G completions per prompt from pi_old (the current params). Each shard's rows
+    # are whole blocks of `share` rows, and a block's prompt is prefilled once.
+    share = prompt_share(g, r, row_shards)
+    sampler_prompts = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / share, T]
+    sampler_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
     policy = nnx.merge(graphdef, state.params)
     if state_shardings is not None:  # the rollout layout of mesh.py: rows over (data, fsdp)
-      prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, row_sharding)
-      prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, row_sharding)
+      sampler_prompts = jax.lax.with_sharding_constraint(sampler_prompts, row_sharding)
+      sampler_mask = jax.lax.with_sharding_constraint(sampler_mask, row_sharding)
       policy = nnx.merge(graphdef, mesh_lib.rollout_params(
           state.params, state_shardings.params, policy.config.compute_dtype))
-    out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, cfg.sampling)
+    out = sampler_lib.generate_from(policy, sampler_prompts, sampler_mask, key, cfg.sampling,
+                                    samples_per_prompt=share)
     completion_mask = out.mask.astype(jnp.int32)  # [R, N]
     lengths = completion_mask.sum(-1)
     eos_ids = jnp.asarray(cfg.sampling.eos_token_ids or (-1,), jnp.int32)
@@ -250,7 +254,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     # 4. Old and reference log-probs of the completions (a prompt's forward serves its group).
     logps_of = lambda params, rows: rows_logps(graphdef, params, rows, g, temperature, row_shards)
-    rows = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
+    rows = dict(prompt_tokens=jnp.repeat(sampler_prompts, share, axis=0),  # [R, T]
+                prompt_mask=jnp.repeat(sampler_mask, share, axis=0), tokens=out.tokens,
                 mask=completion_mask)
     old_logps = ref_logps = None
     if cfg.needs_old_logps:

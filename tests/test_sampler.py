@@ -167,3 +167,26 @@ def test_bucket_length_and_pad_prompts():
   np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
   with pytest.raises(ValueError):
     sampler.pad_prompts(tokens, mask, 3)
+
+
+@pytest.mark.parametrize("temperature,stop_at_eos", [(1.0, True), (0.0, False)])
+def test_samples_per_prompt_equal_sampling_repeated_prompts(tiny, temperature, stop_at_eos):
+  """S samples of each of P prompts (one prefill per prompt) are the rows that sampling the
+  prompts repeated S times gives with the same key: same tokens, masks and log-probs."""
+  _, model = tiny
+  s = 3
+  tokens, mask = _prompts(model.config.vocab_size, seed=2)
+  free = sampler.generate(model, tokens, mask, jax.random.key(0), max_new_tokens=N,
+                          temperature=0.0, stop_at_eos=False)
+  kw = dict(max_new_tokens=N, temperature=temperature, pad_token_id=PAD, stop_at_eos=stop_at_eos,
+            eos_token_ids=(int(free.tokens[1, 3]), int(free.tokens[3, 6])))
+  key = jax.random.key(7)
+  shared = sampler.generate(model, tokens, mask, key, samples_per_prompt=s, **kw)
+  repeated = sampler.generate(model, np.repeat(tokens, s, 0), np.repeat(mask, s, 0), key, **kw)
+  assert shared.tokens.shape == (len(PADS) * s, N)
+  np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+  np.testing.assert_array_equal(shared.mask, repeated.mask)
+  np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+  if temperature:  # the samples of one prompt differ from each other, and some stop early
+    assert len({tuple(row) for row in np.asarray(shared.tokens[:s])}) > 1
+    assert np.asarray(shared.mask).sum(1).min() < N

@@ -2,13 +2,14 @@
 
 from grpo_jax.models.checkpoint_io import from_pretrained, save_pretrained
 from grpo_jax.models.config import ModelConfig
-from grpo_jax.models.kv_cache import KVCache, init_cache
+from grpo_jax.models.kv_cache import KVCache, expand_cache, init_cache
 from grpo_jax.models.transformer import Transformer, init, positions_from_mask
 
 __all__ = [
     "KVCache",
     "ModelConfig",
     "Transformer",
+    "expand_cache",
     "from_pretrained",
     "init",
     "init_cache",

@@ -32,3 +32,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
       v=zeros(),
       valid=jnp.zeros((batch, max_len), jnp.bool_),
   )
+
+
+def expand_cache(cache: KVCache, copies: int, max_len: int) -> KVCache:
+  """The cache of P rows and S slots as P * copies rows (each row's copies consecutive, as
+  jnp.repeat lays them out) of max_len >= S slots, the added slots empty.
+
+  A prompt's keys and values, computed once, then serve every completion drawn from it.
+  """
+  extra = max_len - cache.valid.shape[1]
+  grow = lambda x, slot_axis: jnp.pad(
+      jnp.repeat(x, copies, axis=0),
+      [(0, extra if axis == slot_axis else 0) for axis in range(x.ndim)])
+  return KVCache(k=tuple(grow(k, 2) for k in cache.k), v=tuple(grow(v, 2) for v in cache.v),
+                 valid=grow(cache.valid, 1))
