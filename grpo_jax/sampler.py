@@ -170,9 +170,9 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
 
   # Prefill: one forward over the prompts into a cache of T slots, which then grows to the
   # B rows and T + N slots of decoding; the last column is every prompt's last token.
+  prompt_cache = models.init_cache(model.config, p, t)
   h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
-                              attention_mask=prompt_mask, cache=models.init_cache(model.config, p, t),
-                              cache_index=0)
+                              attention_mask=prompt_mask, cache=prompt_cache, cache_index=0)
   cache = models.expand_cache(cache, samples_per_prompt, t + n)
   logits_bv = per_row(model.logits(h_ptd[:, -1:])[:, 0])
   first_b, first_lp_b, done_b = sample(logits_bv, key, 0, jnp.zeros((b,), bool))

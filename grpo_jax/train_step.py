@@ -2,7 +2,7 @@
 
 Inside the one compiled program:
 
-  prompts [B, T] --G samples each--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
+  prompts [B, T] --G each--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
     --> rewards [B*G] (Python reward functions, reached through `io_callback`)
     --> advantages [B*G] --> old (mu > 1 or several minibatches) and reference (beta > 0)
         log-probs [B*G, N]
