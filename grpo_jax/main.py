@@ -272,7 +272,7 @@ class Trainer:
       return
     out_dir = f"{self.workdir}/hf"
     models.save_pretrained(nnx.merge(self.graphdef, params), out_dir)
-    self.tokenizer.save_pretrained(out_dir)
+    data_lib.save_tokenizer(self.tokenizer, out_dir)
     self._print_eval("after GRPO", final_eval)
     if first_eval and final_eval:
       gain = 100 * (final_eval["eval/pass@1"] - first_eval["eval/pass@1"])

@@ -169,7 +169,7 @@ def run(config, workdir: str | None) -> str:
   out_dir = f"{workdir}/hf"
   if jax.process_index() == 0:
     models.save_pretrained(nnx.merge(graphdef, params), out_dir)
-    tokenizer.save_pretrained(out_dir)
+    data_lib.save_tokenizer(tokenizer, out_dir)
     logging.info("wrote %s", out_dir)
   delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
   return out_dir

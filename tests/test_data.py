@@ -5,6 +5,7 @@ import fractions
 import json
 import operator
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ import tokenizers
 import transformers
 
 from grpo_jax import data
+from grpo_jax.data import tokenizer as tokenizer_lib
 from grpo_jax.errors import UserError
+
+from tests import tiny_hf
 
 # ---------------------------------------------------------------- synthetic tasks
 
@@ -334,14 +338,14 @@ def tok():
 
 def test_demo_tokenizer_round_trip_and_single_special_ids(tok):
   assert data.demo_tokenizer().get_vocab() == tok.get_vocab()
-  assert 100 <= len(tok) <= 120 and (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+  assert len(tok) == 10 + 256 and (tok.pad_token_id, tok.eos_token_id) == (0, 1)
   texts = [r["prompt"] for r in data.load_rows("synthetic:countdown", num_rows=5)]
   texts += [data.sft_target(r) for r in data.load_rows("synthetic:arithmetic", num_rows=5)]
-  texts += ["  tabs\tare not printable? ~`{}|\n"]
+  texts += ["  tabs\tand CRLF\r\n ~`{}|\n", "Café, 日本語 🙂"]
   for text in texts:
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    expected = text.replace("\t", "<|unk|>")
-    assert tok.decode(ids) == expected
+    assert tok.decode(ids) == text
+  assert len(tok("a + b\n", add_special_tokens=False)["input_ids"]) == 6  # one id per byte
   for special in ["<think>", "</think>", "<answer>", "</answer>", "<|pad|>", "<|eos|>",
                   "<|user|>", "<|assistant|>", "<|system|>"]:
     assert len(tok(f"a{special}b", add_special_tokens=False)["input_ids"]) == 3
@@ -349,13 +353,33 @@ def test_demo_tokenizer_round_trip_and_single_special_ids(tok):
   assert tok.decode(ids, skip_special_tokens=True) == "<think>x</think>"
 
 
-def test_demo_tokenizer_saves_as_hf_dir(tok, tmp_path):
-  tok.save_pretrained(tmp_path)
+@pytest.mark.parametrize("model_type", [None, "qwen2", "qwen3", "llama"])
+def test_demo_tokenizer_reloads_the_same_beside_any_model_config(tok, tmp_path, model_type):
+  # AutoTokenizer picks the class from the files beside the tokenizer: a qwen2 config.json
+  # makes it a Qwen2Tokenizer (byte level) whatever tokenizer_config.json says, which once
+  # dropped every space and newline of the demo's character-level tokenizer.
+  if model_type:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+  data.save_tokenizer(tok, str(tmp_path))
   loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-  text = data.format_prompt(tok, "Compute 1+2.", system_prompt="Be brief.")
-  assert data.format_prompt(loaded, "Compute 1+2.", system_prompt="Be brief.") == text
+  text = data.format_prompt(tok, "Compute 1 + 2.\nShow\tyour work.", system_prompt="Be brief.")
+  assert data.format_prompt(loaded, "Compute 1 + 2.\nShow\tyour work.",
+                            system_prompt="Be brief.") == text
   assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+  assert loaded.decode(tok(text)["input_ids"]) == text
   assert (loaded.pad_token_id, loaded.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
+  assert tokenizer_lib.reload_differences(tok, str(tmp_path)) == []
+
+
+def test_save_tokenizer_warns_when_the_reload_differs(tmp_path):
+  # tiny_hf's byte-level BPE merges digits, which Qwen2Tokenizer's pre-split keeps apart.
+  tok = tiny_hf.make_tokenizer(tmp_path / "src")
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+  assert tokenizer_lib.reload_differences(tok, str(tmp_path / "src")) == []
+  with mock.patch.object(tokenizer_lib.logging, "warning") as warning:
+    data.save_tokenizer(tok, str(tmp_path / "out"))
+  assert "encodes to other ids" in warning.call_args[0][-1]
 
 
 def test_format_prompt(tok):

@@ -74,7 +74,8 @@ def test_sharded_steps_match_one_device(runs, shape):
     assert want["rl/reward_std"] > 0  # the rewards vary, so the loss is not only KL
     for key, value in want.items():
       if not key.startswith("perf/"):
-        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-12), (got["step"], key)
+        # abs: with mu = 1 the loss is a mean of zero-mean advantages (plus KL), near 0.
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (got["step"], key)
 
 
 @pytest.mark.parametrize("shape", ((1, 1, 1),) + MESHES)

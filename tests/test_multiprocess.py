@@ -71,7 +71,8 @@ def test_two_processes_train_like_one(tmp_path):
   assert codes == [0, 0], output
   two = json.loads((workdir / "records.json").read_text())
   for got, want in zip(two, records, strict=True):
-    assert got == pytest.approx(want, rel=1e-5, abs=1e-12)
+    # abs: with mu = 1 the loss is a mean of zero-mean advantages, float noise around 0.
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
   with np.load(workdir / "params.npz") as two_params:
     got = [two_params[f"arr_{i}"] for i in range(len(two_params.files))]
   assert relative_error(got, params) < 1e-5
