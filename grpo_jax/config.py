@@ -78,6 +78,16 @@ class GrpoCfg:
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
 
+  @property
+  def updates_per_step(self) -> int:
+    """Optimizer updates per sampled batch: mu iterations x minibatches."""
+    return self.num_iterations * self.minibatches_per_iteration
+
+  @property
+  def needs_old_logps(self) -> bool:
+    """Whether pi_old differs from pi_theta at some update: after the first of a batch."""
+    return self.updates_per_step > 1
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerCfg:

@@ -202,7 +202,7 @@ def test_delta_caps_the_unclipped_ratio():
   np.testing.assert_allclose(uncapped, np.exp(3.0) * 2.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("level", loss.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("level", loss.IS_LEVELS)
 def test_row_and_token_advantages_agree(level):
   inputs = _inputs(seed=3)
   inputs["mask"][1, 3:] = 0
@@ -263,7 +263,7 @@ def _batches(draw):
 @_SETTINGS
 @hypothesis.given(batch=_batches(), pad=st.integers(1, 3),
                   loss_type=st.sampled_from(loss.LOSS_TYPES),
-                  level=st.sampled_from(loss.IMPORTANCE_SAMPLING_LEVELS))
+                  level=st.sampled_from(loss.IS_LEVELS))
 def test_padding_width_does_not_change_the_loss(batch, pad, loss_type, level):
   options = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                  max_completion_length=8)
@@ -279,7 +279,7 @@ def test_padding_width_does_not_change_the_loss(batch, pad, loss_type, level):
 
 
 @_SETTINGS
-@hypothesis.given(batch=_batches(), level=st.sampled_from(loss.IMPORTANCE_SAMPLING_LEVELS))
+@hypothesis.given(batch=_batches(), level=st.sampled_from(loss.IS_LEVELS))
 def test_dapo_with_token_count_is_bnpo(batch, level):
   bnpo, _, bnpo_grad = _loss_and_grad(batch, loss_type="bnpo", importance_sampling_level=level)
   dapo, _, dapo_grad = _loss_and_grad(batch, loss_type="dapo", importance_sampling_level=level,
