@@ -1,38 +1,43 @@
 """One GRPO step as one jitted, pure function: `train_step(state, batch) -> (state, metrics)`.
 
-Inside the one compiled program:
+The step calls one function per phase, in the algorithm's order:
 
-  prompts [B, T] --G each--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
-    --> rewards [B*G] (Python reward functions, reached through `io_callback`)
-    --> advantages [B*G] --> old (mu > 1 or several minibatches) and reference (beta > 0)
-        log-probs [B*G, N]
-    --> mu iterations x M minibatches (whole groups each) x A accumulated micro-batches of
-        value_and_grad(grpo_loss) --> optax update
-    --> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
+  prompts [B, T] --sample--> G completions each                    Rollout, R = B * G rows
+    --score--> rewards of the R completions (host callback)          scoring.Rewards [R]
+    --advantage--> group-relative advantages, the loss mask          Advantages [R], [R, N]
+    --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
+    --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
+                value_and_grad(grpo_loss), one optimizer update per minibatch
+    --reset_reference--> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
 
-The state is donated. Randomness: `fold_in(state.key, state.step)`.
+Prompts stay prompts ([B, T], or [R / S, T]): S consecutive rows of a group share one
+prompt, which runs through the model once for them in sampling, the log-prob passes and
+the update (`completion_logps`); S is `prompt_share` of the rows of the pass. The state is
+donated. Randomness: `fold_in(state.key, state.step)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import io_callback
 
 from grpo_jax import advantages as advantages_lib
+from grpo_jax import config as config_lib
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
+from grpo_jax import scoring
 
 
 @flax.struct.dataclass
@@ -48,72 +53,64 @@ class TrainState:
 class Batch:
   prompt_tokens: jax.Array  # [B, T] int32, left padded
   prompt_mask: jax.Array  # [B, T] int32
-  row_ids: jax.Array  # [B] int32, index of each prompt's row for the reward callback
+  row_ids: jax.Array  # [B] int32: each prompt's row in the reward callback's dataset rows
+
+
+@flax.struct.dataclass
+class Rollout:
+  """G sampled completions of each prompt, a group's rows consecutive."""
+
+  prompt_tokens: jax.Array  # [R / S, T] int32: the prompt of each block of S rows
+  prompt_mask: jax.Array  # [R / S, T] int32
+  tokens: jax.Array  # [R, N] int32, pad after EOS
+  mask: jax.Array  # [R, N] int32: 1 up to and including EOS
+  finished: jax.Array  # [R] bool: the completion reached an EOS
+
+
+@flax.struct.dataclass
+class Advantages:
+  advs: jax.Array  # [R] float32: (r - group mean) / group std (grpo.scale_rewards)
+  loss_mask: jax.Array  # [R, N] int32: the tokens the loss counts
+  kept: jax.Array  # [R] float32: 1 for the rows the update uses, 0 for dropped groups
+  zero_std: jax.Array  # [B] bool: the group's rewards are all equal
+
+
+@flax.struct.dataclass
+class LossBatch:
+  """What the loss reads, for R rows: [R, ...], or [M, A, R / (M A), ...] split into
+  minibatches of micro-batches (prompts then [M, A, R / (M A S), T])."""
+
+  prompt_tokens: jax.Array  # [R / S, T]
+  prompt_mask: jax.Array  # [R / S, T]
+  tokens: jax.Array  # [R, N]
+  mask: jax.Array  # [R, N]: the completion tokens the model runs on
+  loss_mask: jax.Array  # [R, N]
+  advs: jax.Array  # [R]
+  kept: jax.Array  # [R]
+  old_logps: jax.Array | None  # [R, N], None when pi_old is the current policy
+  ref_logps: jax.Array | None  # [R, N], None when beta == 0
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """What the compiled step depends on (static, hashable)."""
+class StepSettings:
+  """What the compiled step depends on besides the state and the batch (static)."""
 
-  num_generations: int  # G
-  num_iterations: int = 1  # mu
-  minibatches: int = 1  # M per iteration, whole groups each
-  grad_accum_steps: int = 1  # A micro-batches per minibatch
-  beta: float = 0.0
-  epsilon_low: float = 0.2
-  epsilon_high: float | None = None
-  delta: float | None = None
-  loss_type: str = "grpo"
-  importance_sampling_level: str = "token"
-  scale_rewards: str = "group"
-  drop_zero_std_groups: bool = False
-  mask_truncated_completions: bool = False
-  ref_reset_every: int = 0
-  sampling: sampler_lib.SampleConfig = sampler_lib.SampleConfig(max_new_tokens=64)
-  reward_names: tuple[str, ...] = ()
-
-  @property
-  def needs_old_logps(self) -> bool:
-    """pi_old differs from pi_theta after the first update of a sampled batch."""
-    return self.num_iterations > 1 or self.minibatches > 1
+  grpo: config_lib.GrpoCfg
+  grad_accum_steps: int  # A, train.grad_accum_steps
+  sampling: sampler_lib.SamplingSettings
+  row_shards: int = 1  # how many ways the mesh splits the rows (mesh.row_shards)
 
 
-# The host side of the reward callback: (row_ids [B], tokens [B*G, N], mask [B*G, N]) ->
-# (total [B*G] float32, per-function [F, B*G] float32 with NaN for no score, failures int32 []).
-RewardCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the step's arrays live on the mesh: the params' training shardings, and the rows'
+  sharding (sampling gathers the weights over the batch axes, see mesh.py)."""
+
+  params: Any  # nnx.State of NamedSharding, like TrainState.params
+  rows: jax.sharding.NamedSharding
 
 
-def make_optimizer(
-    *,
-    learning_rate: float,
-    total_updates: int,
-    warmup_steps: int = 0,
-    schedule: str = "cosine",
-    max_grad_norm: float | None = 1.0,
-    weight_decay: float = 0.0,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then cosine decay (or constant), global-norm clipping.
-
-  Updates whose gradients hold NaN or Inf are skipped (optax.apply_if_finite) and counted.
-  Returns the transformation and its learning-rate schedule (over optimizer updates).
-  """
-  warmup_steps = min(warmup_steps, max(total_updates - 1, 0))
-  if schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(total_updates, warmup_steps + 1), 0.0)
-  else:
-    lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-         optax.constant_schedule(learning_rate)], [warmup_steps])
-  chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
-  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  # Non-finite updates are always skipped (never applied after a streak); the trainer stops
-  # the run after train.max_nan_steps in a row.
-  tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 1)
-  return tx, lr
+RewardFn = Callable[[Any, Any, Any], scoring.Rewards]  # the Scorer's contract
 
 
 def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: int,
@@ -134,6 +131,15 @@ def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: i
       ref_params=jax.tree.map(jnp.copy, params) if beta > 0 else None,
       key=jax.random.PRNGKey(seed),  # raw uint32 key: checkpoints as a plain array
   )
+
+
+def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
+  """S, how many consecutive rows share a prompt forward: gcd(G, rows per shard).
+
+  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
+  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
+  """
+  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
 
 
 def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
@@ -168,188 +174,226 @@ def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_to
                                              temperature=temperature)
 
 
-def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
-  """S, how many consecutive rows share a prompt forward in rows_logps: gcd(G, rows per shard).
+# -- the phases, in the order the step runs them ------------------------------------------------
 
-  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
-  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
+
+def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSettings,
+           layout: Layout | None = None) -> Rollout:
+  """G completions of each of the B prompts from the current params (pi_old).
+
+  Each shard's rows are whole blocks of S rows, and a block's prompt is prefilled once. With
+  a layout, sampling runs in the rollout layout of mesh.py (rows over the batch axes, the
+  weights gathered over them in the compute dtype).
   """
-  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
+  g = settings.grpo.num_generations
+  share = prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
+  prompt_tokens = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / S, T]
+  prompt_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
+  if layout is not None:
+    prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, layout.rows)
+    prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, layout.rows)
+    compute_dtype = nnx.merge(graphdef, params).config.compute_dtype
+    params = mesh_lib.rollout_params(params, layout.params, compute_dtype)
+  out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
+                                  settings.sampling, samples_per_prompt=share)
+  mask = out.mask.astype(jnp.int32)
+  eos_ids = jnp.asarray(settings.sampling.eos_token_ids or (-1,), jnp.int32)
+  finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (mask > 0), axis=-1)
+  return Rollout(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
+                 mask=mask, finished=finished)
 
 
-def rows_logps(graphdef, params, rows: dict[str, jax.Array], num_generations: int,
-               temperature: float, row_shards: int = 1) -> jax.Array:
-  """completion_logps [R, N] of rows: prompt_tokens / prompt_mask [R, T] (each prompt repeated
-  over its G consecutive rows, the first row at a group boundary), tokens / mask [R, N], split
-  over row_shards devices; each block of prompt_share(...) rows runs its prompt once.
+def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array,
+          rollout: Rollout) -> scoring.Rewards:
+  """The rewards of the R completions from the host callback `reward_fn` (scoring.Scorer's
+  contract), reached from inside the compiled step; F = num_rewards reward functions."""
+  r = rollout.tokens.shape[0]
+  shapes = scoring.Rewards(total=jax.ShapeDtypeStruct((r,), jnp.float32),
+                           per_fn=jax.ShapeDtypeStruct((num_rewards, r), jnp.float32),
+                           failures=jax.ShapeDtypeStruct((), jnp.int32),
+                           seconds=jax.ShapeDtypeStruct((), jnp.float32))
+  return io_callback(reward_fn, shapes, row_ids, rollout.tokens, rollout.mask, ordered=False)
+
+
+def advantage(rewards_r: jax.Array, rollout: Rollout, grpo: config_lib.GrpoCfg) -> Advantages:
+  """Group-relative advantages and the loss mask: truncated completions masked out with
+  grpo.mask_truncated_completions, groups whose rewards are all equal (no signal) dropped
+  with grpo.drop_zero_std_groups."""
+  g = grpo.num_generations
+  zero_std = advantages_lib.zero_std_groups(rewards_r, g)
+  loss_mask = rollout.mask
+  if grpo.mask_truncated_completions:
+    loss_mask = loss_mask * rollout.finished[:, None].astype(jnp.int32)
+  kept = jnp.ones(rewards_r.shape, jnp.float32)
+  if grpo.drop_zero_std_groups:
+    kept = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
+    loss_mask = loss_mask * kept[:, None].astype(jnp.int32)
+  return Advantages(advs=advantages_lib.group_advantages(rewards_r, g, scale=grpo.scale_rewards),
+                    loss_mask=loss_mask, kept=kept, zero_std=zero_std)
+
+
+def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings
+                    ) -> tuple[jax.Array | None, jax.Array | None]:
+  """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
+  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0."""
+  logps = lambda params: jax.lax.stop_gradient(completion_logps(
+      graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
+      rollout.mask, settings.sampling.logprob_temperature))
+  old = logps(state.params) if settings.grpo.needs_old_logps else None
+  ref = logps(state.ref_params) if settings.grpo.beta > 0 else None
+  return old, ref
+
+
+def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
+                 settings: StepSettings) -> LossBatch:
+  """The loss's inputs split into M minibatches of A micro-batches, [M, A, R / (M A), ...].
+
+  Contiguous splits keep groups whole as long as B % (M A) == 0 (config validation). Each
+  micro-batch's prompts are shared by prompt_share(...) of its rows.
   """
-  share = prompt_share(num_generations, rows["tokens"].shape[0], row_shards)
-  return completion_logps(graphdef, params, rows["prompt_tokens"][::share],
-                          rows["prompt_mask"][::share], rows["tokens"], rows["mask"], temperature)
+  m, a = settings.grpo.minibatches_per_iteration, settings.grad_accum_steps
+  r = rollout.tokens.shape[0]
+  share = prompt_share(settings.grpo.num_generations, r // (m * a), settings.row_shards)
+  copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
+  batch = LossBatch(
+      prompt_tokens=jnp.repeat(rollout.prompt_tokens, copies, axis=0),
+      prompt_mask=jnp.repeat(rollout.prompt_mask, copies, axis=0),
+      tokens=rollout.tokens, mask=rollout.mask, loss_mask=advs.loss_mask, advs=advs.advs,
+      kept=advs.kept, old_logps=old_logps, ref_logps=ref_logps)
+  return jax.tree.map(lambda x: x.reshape((m, a, -1) + x.shape[1:]), batch)
+
+
+def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
+               minibatch_rows: jax.Array, *, graphdef, settings: StepSettings):
+  """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
+  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux)."""
+  g = settings.grpo
+  logps = completion_logps(graphdef, params, micro.prompt_tokens, micro.prompt_mask,
+                           micro.tokens, micro.mask, settings.sampling.logprob_temperature)
+  return loss_lib.grpo_loss(
+      logps, micro.old_logps, micro.ref_logps, micro.advs, micro.loss_mask,
+      epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta, beta=g.beta,
+      loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
+      max_completion_length=settings.sampling.max_new_tokens,
+      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows)
+
+
+def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
+                     minibatch: LossBatch, settings: StepSettings):
+  """One optimizer update from a minibatch of A micro-batches [A, ...], whose gradients are
+  accumulated (summed: their losses share the minibatch's normalisers).
+  Returns (params, opt_state, {"loss", "grad_norm", and grpo_loss's aux averaged})."""
+  grad_fn = jax.value_and_grad(functools.partial(micro_loss, graphdef=graphdef, settings=settings),
+                               has_aux=True)
+  tokens = minibatch.loss_mask.sum().astype(jnp.float32)
+  rows = minibatch.kept.sum()
+  a = settings.grad_accum_steps
+
+  def accumulate(acc, micro):
+    (value, aux), grads = grad_fn(params, micro, tokens, rows)
+    acc_grads, acc_value, acc_aux = acc
+    return (jax.tree.map(jnp.add, acc_grads, grads), acc_value + value,
+            jax.tree.map(lambda x, y: x + y / a, acc_aux, aux)), None
+
+  first = jax.tree.map(lambda x: x[0], minibatch)
+  aux_shapes = jax.eval_shape(lambda: grad_fn(params, first, tokens, rows)[0][1])
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+  (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, dict(loss=value, grad_norm=grad_norm,
+                                                                **aux)
+
+
+def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batches: LossBatch,
+           settings: StepSettings):
+  """mu iterations over the M minibatches of `batches` [M, A, ...], one optimizer update each.
+  Returns (params, opt_state, metrics stacked over the mu x M updates)."""
+  m = settings.grpo.minibatches_per_iteration
+
+  def one(carry, idx):
+    minibatch = jax.tree.map(lambda x: x[idx % m], batches)
+    params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings)
+    return (params, opt_state), metrics
+
+  indices = jnp.arange(settings.grpo.updates_per_step, dtype=jnp.int32)
+  (params, opt_state), metrics = jax.lax.scan(one, (params, opt_state), indices)
+  return params, opt_state, metrics
+
+
+def reset_reference(ref_params, params, step: jax.Array, every: int):
+  """Iterative GRPO: pi_ref becomes the current policy after every `every`-th step."""
+  if ref_params is None or every <= 0:
+    return ref_params
+  return jax.lax.cond(step % every == 0, lambda: params, lambda: ref_params)
+
+
+def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
+                 update_metrics: dict[str, jax.Array], opt_state, learning_rate: jax.Array,
+                 reward_names: tuple[str, ...]) -> dict[str, jax.Array]:
+  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates."""
+  lengths = rollout.mask.sum(-1)
+  metrics = {
+      "train/loss": update_metrics["loss"].mean(),
+      "train/grad_norm": update_metrics["grad_norm"].mean(),
+      "train/learning_rate": learning_rate,
+      "train/nonfinite_updates": opt_state.total_notfinite,
+      "train/nonfinite_consecutive": opt_state.notfinite_count,
+      "rl/reward_mean": rewards.total.mean(),
+      "rl/reward_std": rewards.total.std(ddof=1),
+      "rl/kl": update_metrics["kl"].mean(),
+      "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
+      "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
+      "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
+      "rl/completion_length": lengths.mean(),
+      "rl/frac_truncated": 1.0 - rollout.finished.mean(),
+      "rl/frac_zero_std_groups": advs.zero_std.mean(),
+      "rl/advantage_abs_mean": jnp.abs(advs.advs).mean(),
+      "rl/reward_failures": rewards.failures,
+      "perf/rollout_tokens": lengths.sum(),
+      "perf/reward_s": rewards.seconds,
+  }
+  for i, name in enumerate(reward_names):
+    metrics[f"rewards/{name}"] = jnp.nanmean(rewards.per_fn[i])
+  return metrics
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
+               settings: StepSettings, reward_fn: RewardFn, reward_names: tuple[str, ...],
+               layout: Layout | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One GRPO step: the phases above, in order."""
+  key = jax.random.fold_in(state.key, state.step)
+  rollout = sample(graphdef, state.params, batch, key, settings, layout)
+  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout)
+  advs = advantage(rewards.total, rollout, settings.grpo)
+  old_logps, ref_logps = reference_logps(graphdef, state, rollout, settings)
+  batches = loss_batches(rollout, advs, old_logps, ref_logps, settings)
+  params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
+                                             batches, settings)
+  step = state.step + 1
+  ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
+  learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
+  metrics = step_metrics(rollout, rewards, advs, update_metrics, opt_state, learning_rate,
+                         reward_names)
+  state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
+  return state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, cfg: StepConfig,
-                    reward_callback: RewardCallback, *, state_shardings=None,
-                    metrics_sharding=None, donate: bool = True):
-  """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
+                    lr_schedule: optax.Schedule, settings: StepSettings, reward_fn: RewardFn,
+                    reward_names: tuple[str, ...], *, layout: Layout | None = None,
+                    state_shardings=None, metrics_sharding=None, donate: bool = True):
+  """`train_step` jitted over (state, batch), the rest bound.
 
   With state_shardings the new state keeps the layout of the old one (so donation reuses
-  its buffers), and sampling runs in the rollout layout of mesh.py; metrics come back with
-  metrics_sharding (replicated).
+  its buffers); metrics come back with metrics_sharding (replicated).
   """
-  num_fns = len(cfg.reward_names)
-  row_shards = 1
-  if state_shardings is not None:
-    row_sharding = mesh_lib.batch_sharding(jax.tree.leaves(state_shardings.params)[0].mesh)
-    row_shards = mesh_lib.row_shards(row_sharding.mesh)
-
-  def host_rewards(row_ids, tokens, mask):
-    total, per_fn, failed = reward_callback(np.asarray(row_ids), np.asarray(tokens), np.asarray(mask))
-    return (np.asarray(total, np.float32), np.asarray(per_fn, np.float32).reshape(num_fns, -1),
-            np.asarray(failed, np.int32))
-
-  def train_step(state: TrainState, batch: Batch):
-    g = cfg.num_generations
-    r = batch.prompt_tokens.shape[0] * g  # rows
-    n = cfg.sampling.max_new_tokens
-    temperature = cfg.sampling.temperature or 1.0  # greedy: log-probs at temperature 1
-    key = jax.random.fold_in(state.key, state.step)
-
-    # 1. Rollout: G completions per prompt from pi_old (the current params). Each shard's rows
-    # are whole blocks of `share` rows, and a block's prompt is prefilled once.
-    share = prompt_share(g, r, row_shards)
-    sampler_prompts = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / share, T]
-    sampler_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
-    policy = nnx.merge(graphdef, state.params)
-    if state_shardings is not None:  # the rollout layout of mesh.py: rows over (data, fsdp)
-      sampler_prompts = jax.lax.with_sharding_constraint(sampler_prompts, row_sharding)
-      sampler_mask = jax.lax.with_sharding_constraint(sampler_mask, row_sharding)
-      policy = nnx.merge(graphdef, mesh_lib.rollout_params(
-          state.params, state_shardings.params, policy.config.compute_dtype))
-    out = sampler_lib.generate_from(policy, sampler_prompts, sampler_mask, key, cfg.sampling,
-                                    samples_per_prompt=share)
-    completion_mask = out.mask.astype(jnp.int32)  # [R, N]
-    lengths = completion_mask.sum(-1)
-    eos_ids = jnp.asarray(cfg.sampling.eos_token_ids or (-1,), jnp.int32)
-    finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (completion_mask > 0), axis=-1)  # [R]
-
-    # 2. Rewards on the host, from inside the compiled step.
-    result_shapes = (jax.ShapeDtypeStruct((r,), jnp.float32),
-                     jax.ShapeDtypeStruct((num_fns, r), jnp.float32),
-                     jax.ShapeDtypeStruct((), jnp.int32))
-    rewards, per_fn_rewards, num_failed = io_callback(
-        host_rewards, result_shapes, batch.row_ids, out.tokens, completion_mask, ordered=False)
-
-    # 3. Group-relative advantages [R]; groups whose rewards are all equal carry no signal.
-    advs = advantages_lib.group_advantages(rewards, g, scale=cfg.scale_rewards)
-    zero_std = advantages_lib.zero_std_groups(rewards, g)  # [B]
-    loss_mask = completion_mask
-    if cfg.mask_truncated_completions:
-      loss_mask = loss_mask * finished[:, None].astype(jnp.int32)
-    keep_rows = jnp.ones((r,), jnp.float32)
-    if cfg.drop_zero_std_groups:
-      keep_rows = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
-      loss_mask = loss_mask * keep_rows[:, None].astype(jnp.int32)
-
-    # 4. Old and reference log-probs of the completions (a prompt's forward serves its group).
-    logps_of = lambda params, rows: rows_logps(graphdef, params, rows, g, temperature, row_shards)
-    rows = dict(prompt_tokens=jnp.repeat(sampler_prompts, share, axis=0),  # [R, T]
-                prompt_mask=jnp.repeat(sampler_mask, share, axis=0), tokens=out.tokens,
-                mask=completion_mask)
-    old_logps = ref_logps = None
-    if cfg.needs_old_logps:
-      old_logps = jax.lax.stop_gradient(logps_of(state.params, rows))
-    if cfg.beta > 0:
-      ref_logps = jax.lax.stop_gradient(logps_of(state.ref_params, rows))
-
-    # 5. mu iterations over M minibatches of whole groups, A micro-batches each.
-    m, a = cfg.minibatches, cfg.grad_accum_steps
-    rows.update(advs=advs, loss_mask=loss_mask, keep=keep_rows)
-    if old_logps is not None:
-      rows["old_logps"] = old_logps
-    if ref_logps is not None:
-      rows["ref_logps"] = ref_logps
-    # [M, A, R / (M A), ...], contiguous: groups stay whole as long as B % (M A) == 0.
-    rows = jax.tree.map(lambda x: x.reshape((m, a, r // (m * a)) + x.shape[1:]), rows)
-
-    def micro_loss(params, micro, minibatch_tokens, minibatch_kept_rows):
-      logps = logps_of(params, micro)
-      loss_type, num_items = cfg.loss_type, None
-      if cfg.loss_type in ("bnpo", "dapo"):
-        # Token-level normalisers are global over the minibatch: sum over micro-batches.
-        loss_type, num_items = "dapo", jnp.maximum(minibatch_tokens, 1.0)
-      value, aux = loss_lib.grpo_loss(
-          logps, micro.get("old_logps"), micro.get("ref_logps"), micro["advs"], micro["loss_mask"],
-          epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-          beta=cfg.beta, loss_type=loss_type,
-          importance_sampling_level=cfg.importance_sampling_level, max_completion_length=n,
-          num_items_in_batch=num_items)
-      if loss_type in ("grpo", "dr_grpo"):
-        # Row-level normalisers (a mean over rows): re-weight each micro-batch's mean to a
-        # share of the minibatch's kept rows, so the A micro-batches sum to the minibatch loss.
-        value = value * micro["keep"].shape[0] / jnp.maximum(minibatch_kept_rows, 1.0)
-      return value, aux
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def minibatch_update(carry, idx):
-      params, opt_state = carry
-      minibatch = jax.tree.map(lambda x: x[idx % m], rows)  # [A, R/(MA), ...]
-      minibatch_tokens = minibatch["loss_mask"].sum().astype(jnp.float32)
-      minibatch_kept_rows = minibatch["keep"].sum() * 1.0
-
-      def accumulate(acc, micro):
-        (value, aux), grads = grad_fn(params, micro, minibatch_tokens, minibatch_kept_rows)
-        acc_grads, acc_value, acc_aux = acc
-        return (jax.tree.map(jnp.add, acc_grads, grads), acc_value + value,
-                jax.tree.map(lambda x, y: x + y / a, acc_aux, aux)), None
-
-      zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], minibatch),
-                                                minibatch_tokens, minibatch_kept_rows)[0][1])
-      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux))
-      (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
-      grad_norm = optax.tree.norm(grads)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state), dict(loss=value, grad_norm=grad_norm, **aux)
-
-    (params, opt_state), update_metrics = jax.lax.scan(
-        minibatch_update, (state.params, state.opt_state),
-        jnp.arange(cfg.num_iterations * m, dtype=jnp.int32))
-
-    # 6. Iterative GRPO: the reference becomes the current policy every K steps.
-    new_step = state.step + 1
-    ref_params = state.ref_params
-    if ref_params is not None and cfg.ref_reset_every > 0:
-      ref_params = jax.lax.cond(new_step % cfg.ref_reset_every == 0, lambda: params,
-                                lambda: ref_params)
-
-    metrics = {
-        "train/loss": update_metrics["loss"].mean(),
-        "train/grad_norm": update_metrics["grad_norm"].mean(),
-        "train/learning_rate": lr_schedule(new_step * cfg.num_iterations * m),
-        "train/nonfinite_updates": opt_state.total_notfinite,
-        "train/nonfinite_consecutive": opt_state.notfinite_count,
-        "rl/reward_mean": rewards.mean(),
-        "rl/reward_std": rewards.std(ddof=1),
-        "rl/kl": update_metrics["kl"].mean(),
-        "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
-        "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
-        "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
-        "rl/completion_length": lengths.mean(),
-        "rl/frac_truncated": 1.0 - finished.mean(),
-        "rl/frac_zero_std_groups": zero_std.mean(),
-        "rl/advantage_abs_mean": jnp.abs(advs).mean(),
-        "rl/reward_failures": num_failed,
-        "perf/rollout_tokens": lengths.sum(),
-    }
-    for i, name in enumerate(cfg.reward_names):
-      metrics[f"rewards/{name}"] = jnp.nanmean(per_fn_rewards[i])
-    new_state = state.replace(step=new_step, params=params, opt_state=opt_state,
-                              ref_params=ref_params)
-    return new_state, metrics
-
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                           settings=settings, reward_fn=reward_fn, reward_names=reward_names,
+                           layout=layout)
   out_shardings = None if state_shardings is None else (state_shardings, metrics_sharding)
-  return jax.jit(train_step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+  return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)

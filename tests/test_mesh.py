@@ -12,13 +12,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import advantages
-from grpo_jax import components
+from grpo_jax import builder
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import loss
 from grpo_jax import main as main_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
+from grpo_jax import optimizer as optimizer_lib
 from grpo_jax import sampler
 from grpo_jax import train_step as train_step_lib
 from tests.test_train import tiny_config, train_records
@@ -65,7 +66,7 @@ def runs(tmp_path_factory):
 def test_sharded_steps_match_one_device(runs, shape):
   ref_trainer, ref_records = runs[(1, 1, 1)]
   trainer, records = runs[shape]
-  assert trainer.mesh.devices.size == 8 and ref_trainer.mesh.devices.size == 1
+  assert trainer.setup.mesh.devices.size == 8 and ref_trainer.setup.mesh.devices.size == 1
   specs = {x.sharding.spec for x in jax.tree.leaves(trainer.state.params)}
   assert any("fsdp" in spec for spec in specs), specs  # the params really are sharded
   assert relative_error(trainer.state.params, ref_trainer.state.params) < 1e-5
@@ -123,18 +124,23 @@ def demo_params(hidden_size: int = 64):
                                          "model.demo.intermediate_size": 2 * hidden_size}),
                           num_devices=8)
   tokenizer = data_lib.demo_tokenizer()
-  return nnx.split(models.init(components.demo_model_config(cfg, tokenizer))), tokenizer
+  return nnx.split(models.init(builder.demo_model_config(cfg, tokenizer))), tokenizer
 
 
 def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
   (_, params), _ = demo_params()
-  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+  tx, _ = optimizer_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
 
   def per_device_state_bytes(shape) -> int:
     mesh = mesh_lib.make_mesh(shape)
     shardings = mesh_lib.param_shardings(params, mesh)
-    init = jax.jit(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0,
-                                     param_shardings=shardings))
+    opt_shardings = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, params), shardings)
+    replicated = mesh_lib.replicated(mesh)
+    state_shardings = train_step_lib.TrainState(step=replicated, params=shardings,
+                                                opt_state=opt_shardings, ref_params=shardings,
+                                                key=replicated)
+    init = jax.jit(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0),
+                   out_shardings=state_shardings)
     return init.lower(jax.device_put(params, shardings)).compile().memory_analysis(
     ).output_size_in_bytes
 
@@ -152,7 +158,7 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
 def test_optimizer_state_follows_the_param_layout():
   (_, params), _ = demo_params()
   mesh = mesh_lib.make_mesh((2, 2, 2))
-  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+  tx, _ = optimizer_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
   shardings = mesh_lib.param_shardings(params, mesh)
   opt = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, params), shardings)
   adam = opt.inner_state[1][0]
@@ -191,7 +197,7 @@ def test_rollout_layout_decodes_without_collectives():
   (graphdef, params), tokenizer = demo_params()
   mesh = mesh_lib.make_mesh((1, 8, 1))
   shardings = mesh_lib.param_shardings(params, mesh)
-  settings = sampler.SampleConfig(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
+  settings = sampler.SamplingSettings(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
   tokens, mask = jnp.ones((8, 4), jnp.int32), jnp.ones((8, 4), jnp.int32)
 
   def generate(params, tokens, mask):

@@ -301,7 +301,7 @@ def test_skip_bad_rows_skips_and_reports_the_count(tmp_path, caplog):
   cfg = tiny_config(**{"data.source": f"jsonl:{path}", "data.skip_bad_rows": True,
                        "data.num_eval_rows": 2})
   trainer = main_lib.Trainer(config_lib.freeze(cfg), str(tmp_path / "run"))
-  assert len(trainer.train_rows) + len(trainer.eval_rows) == 9
+  assert len(trainer.parts.train_rows) + len(trainer.parts.eval_rows) == 9
   assert f"{path}: skipped 2 bad rows" in caplog.text
 
 

@@ -78,7 +78,7 @@ def test_no_stop_at_eos_gives_n_tokens_from_inside_a_jit(tiny):
   tokens, mask = _prompts(model.config.vocab_size)
   free = _hf_greedy(hf, tokens, mask, ())
   eos = (int(free[0, 2]),)
-  settings = sampler.SampleConfig(max_new_tokens=N, temperature=0.0, eos_token_ids=eos,
+  settings = sampler.SamplingSettings(max_new_tokens=N, temperature=0.0, eos_token_ids=eos,
                                   pad_token_id=PAD, stop_at_eos=False)
   graphdef, params = nnx.split(model)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
 
+from grpo_jax.config import DataCfg
 from grpo_jax.errors import UserError
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -79,6 +80,19 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, buckets: Sequence[int] = 
       tokens_bt[b, -len(row):] = row
       mask_bt[b, -len(row):] = 1
   return tokens_bt, mask_bt
+
+
+def format_row_prompts(tokenizer, rows: Sequence[dict[str, Any]], data: DataCfg) -> list[str]:
+  """The prompts of dataset rows as the model sees them, as the `data` section says."""
+  return [format_prompt(tokenizer, row["prompt"], use_chat_template=data.use_chat_template,
+                        system_prompt=data.system_prompt) for row in rows]
+
+
+def encode_row_prompts(tokenizer, rows: Sequence[dict[str, Any]],
+                       data: DataCfg) -> tuple[np.ndarray, np.ndarray]:
+  """encode_prompts of format_row_prompts, with the `data` section's buckets and length."""
+  return encode_prompts(tokenizer, format_row_prompts(tokenizer, rows, data),
+                        buckets=data.prompt_buckets, max_prompt_len=data.max_prompt_len)
 
 
 def encode_sft(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, max_len: int,
