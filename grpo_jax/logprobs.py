@@ -1,4 +1,6 @@
-"""Per-token log-probabilities log softmax(h W / temperature)[target], in float32.
+"""Per-token log-probabilities log softmax(cap(h W) / temperature)[target], in float32.
+
+cap is the identity, or Gemma's final soft cap l -> c * tanh(l / c).
 
 `chunked_token_logprobs` never holds more than C x V logits (C tokens per chunk),
 in the forward pass or the backward one: with V around 150k the full [B, T, V]
@@ -15,6 +17,11 @@ import jax.numpy as jnp
 DEFAULT_CHUNK_SIZE = 512
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap), elementwise (a smooth clip to (-cap, cap)); x itself when cap is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def token_logprobs(logits: jax.Array, targets: jax.Array, *,
                    temperature: float = 1.0) -> jax.Array:
   """log_softmax(logits / temperature) at targets: [B, T, V], [B, T] -> [B, T] float32."""
@@ -23,17 +30,19 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, *,
   return picked_bt - jax.nn.logsumexp(scaled_btv, axis=-1)
 
 
-def _chunk_logits(h_cd: jax.Array, w_dv: jax.Array, temperature: float) -> jax.Array:
-  """[C, V] float32 logits of one chunk: matmul in the input dtype, f32 accumulation."""
-  return jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32) / temperature
+def _chunk_logits(h_cd: jax.Array, w_dv: jax.Array, temperature: float,
+                  cap: float | None) -> jax.Array:
+  """[C, V] float32 logits cap(h W) / temperature of one chunk: matmul in the input dtype, f32
+  accumulation."""
+  return soft_cap(jnp.dot(h_cd, w_dv, preferred_element_type=jnp.float32), cap) / temperature
 
 
-def _forward(h_chunks, w_dv, targets_chunks, temperature):
+def _forward(h_chunks, w_dv, targets_chunks, temperature, cap):
   """(log-probs, logsumexp), both [num_chunks, C], from h_chunks [num_chunks, C, D]."""
 
   def one_chunk(xs):
     h_cd, targets_c = xs
-    logits_cv = _chunk_logits(h_cd, w_dv, temperature)
+    logits_cv = _chunk_logits(h_cd, w_dv, temperature, cap)
     lse_c = jax.nn.logsumexp(logits_cv, axis=-1)
     picked_c = jnp.take_along_axis(logits_cv, targets_c[:, None], axis=-1)[:, 0]
     return picked_c - lse_c, lse_c
@@ -41,18 +50,19 @@ def _forward(h_chunks, w_dv, targets_chunks, temperature):
   return jax.lax.map(one_chunk, (h_chunks, targets_chunks))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(h_chunks, w_dv, targets_chunks, temperature):
-  return _forward(h_chunks, w_dv, targets_chunks, temperature)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked(h_chunks, w_dv, targets_chunks, temperature, cap):
+  return _forward(h_chunks, w_dv, targets_chunks, temperature, cap)[0]
 
 
-def _chunked_fwd(h_chunks, w_dv, targets_chunks, temperature):
-  logps_chunks, lse_chunks = _forward(h_chunks, w_dv, targets_chunks, temperature)
+def _chunked_fwd(h_chunks, w_dv, targets_chunks, temperature, cap):
+  logps_chunks, lse_chunks = _forward(h_chunks, w_dv, targets_chunks, temperature, cap)
   return logps_chunks, (h_chunks, w_dv, targets_chunks, lse_chunks)
 
 
-def _chunked_bwd(temperature, residuals, g_chunks):
-  """d logp_c / d logits_cv = (onehot(target_c) - softmax_cv) / temperature, per chunk.
+def _chunked_bwd(temperature, cap, residuals, g_chunks):
+  """d logp_c / d (h W)_cv = (onehot(target_c) - softmax_cv) / temperature * cap'_cv, per chunk,
+  where cap' = 1 - (cap(h W) / cap)^2 (1 without a cap).
 
   The logits are recomputed chunk by chunk; d W is accumulated in float32.
   """
@@ -61,9 +71,12 @@ def _chunked_bwd(temperature, residuals, g_chunks):
 
   def one_chunk(dw_dv, xs):
     h_cd, targets_c, lse_c, g_c = xs
-    probs_cv = jnp.exp(_chunk_logits(h_cd, w_dv, temperature) - lse_c[:, None])
+    logits_cv = _chunk_logits(h_cd, w_dv, temperature, cap)
+    probs_cv = jnp.exp(logits_cv - lse_c[:, None])
     onehot_cv = jax.nn.one_hot(targets_c, vocab, dtype=jnp.float32)
     dlogits_cv = (onehot_cv - probs_cv) * (g_c / temperature)[:, None]
+    if cap is not None:
+      dlogits_cv = dlogits_cv * (1 - jnp.square(logits_cv * (temperature / cap)))
     dh_cd = jnp.dot(dlogits_cv.astype(w_dv.dtype), w_dv.T, preferred_element_type=jnp.float32)
     dw_dv = dw_dv + jnp.dot(h_cd.T, dlogits_cv.astype(h_cd.dtype),
                             preferred_element_type=jnp.float32)
@@ -78,15 +91,16 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked_token_logprobs(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array, *,
-                           temperature: float = 1.0,
+                           temperature: float = 1.0, soft_cap: float | None = None,
                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
-  """token_logprobs(hidden @ w_unembed, targets) without [B, T, V] logits.
+  """token_logprobs(cap(hidden @ w_unembed), targets) without [B, T, V] logits.
 
   Args:
     hidden: [B, T, D] final-norm hidden states, any float dtype.
     w_unembed: [D, V] output projection (a tied model passes embedding.T).
     targets: [B, T] int token ids.
     temperature: a Python float (static).
+    soft_cap: None, or c of the final soft cap l -> c * tanh(l / c) (a static Python float).
     chunk_size: C, tokens per chunk; B*T is padded up to a multiple of it.
 
   Returns:
@@ -100,5 +114,6 @@ def chunked_token_logprobs(hidden: jax.Array, w_unembed: jax.Array, targets: jax
   pad = -total % chunk
   h_chunks = jnp.pad(h_flat, ((0, pad), (0, 0))).reshape(-1, chunk, h_flat.shape[1])
   targets_chunks = jnp.pad(targets.reshape(-1), (0, pad)).reshape(-1, chunk)
-  logps_chunks = _chunked(h_chunks, w_unembed, targets_chunks, float(temperature))
+  cap = None if soft_cap is None else float(soft_cap)
+  logps_chunks = _chunked(h_chunks, w_unembed, targets_chunks, float(temperature), cap)
   return logps_chunks.reshape(-1)[:total].reshape(lead)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jinja2
 import numpy as np
 from absl import logging
 
@@ -18,7 +19,8 @@ def format_prompt(tokenizer, prompt: str, *, use_chat_template: bool | None = No
   """The prompt as the model sees it: through the chat template when there is one.
 
   use_chat_template None: use it if the tokenizer has one. Without a template the system
-  prompt, if any, goes before the prompt, separated by a blank line.
+  prompt, if any, goes before the prompt, separated by a blank line; so it does inside the
+  user turn when the template refuses a system role (Gemma 2's does).
   """
   has_template = getattr(tokenizer, "chat_template", None) is not None
   if use_chat_template is None:
@@ -28,10 +30,14 @@ def format_prompt(tokenizer, prompt: str, *, use_chat_template: bool | None = No
   if not has_template:
     raise UserError("use_chat_template is set but the tokenizer has no chat template;"
                     " set it to False or None")
-  messages = [{"role": "user", "content": prompt}]
-  if system_prompt is not None:
-    messages.insert(0, {"role": "system", "content": system_prompt})
-  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  apply = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False,
+                                                         add_generation_prompt=True)
+  if system_prompt is None:
+    return apply([{"role": "user", "content": prompt}])
+  try:
+    return apply([{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}])
+  except jinja2.TemplateError:
+    return apply([{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}])
 
 
 def pad_id(tokenizer) -> int:
