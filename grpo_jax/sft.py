@@ -28,7 +28,6 @@ from grpo_jax import cli
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import distributed
-from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
@@ -59,7 +58,7 @@ def nll_loss(graphdef, params, tokens, loss_mask, attention_mask) -> jax.Array:
   model = nnx.merge(graphdef, params)
   h_btd, _ = model.hidden(tokens, positions=models.positions_from_mask(attention_mask),
                           attention_mask=attention_mask)
-  logps = logprobs_lib.chunked_token_logprobs(h_btd[:, :-1], model.unembed(), tokens[:, 1:])
+  logps = model.token_logprobs(h_btd[:, :-1], tokens[:, 1:])
   mask = loss_mask[:, 1:].astype(jnp.float32)
   return -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 

@@ -32,7 +32,6 @@ from jax.experimental import io_callback
 
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import config as config_lib
-from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
@@ -170,8 +169,7 @@ def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_to
         cache=models.expand_cache(cache, r // num_prompts, t + n - 1),
         cache_index=t, remat=remat)
     h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
-  return logprobs_lib.chunked_token_logprobs(h_rnd, model.unembed(), completion_tokens,
-                                             temperature=temperature)
+  return model.token_logprobs(h_rnd, completion_tokens, temperature=temperature)
 
 
 # -- the phases, in the order the step runs them ------------------------------------------------

@@ -30,9 +30,7 @@ def test_gemma_template_takes_the_system_prompt_into_the_user_turn(tmp_path):
   assert row[0] == tokenizer.bos_token_id and row.count(tokenizer.bos_token_id) == 1
 
 
-# gemma2 joins once the train step takes its log-probs from model.token_logprobs (the final
-# soft cap); the train step is not this change's to edit.
-@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_train_step_logprobs_equal_a_full_forward(tmp_path, family):
   """completion_logps (prompt prefilled into a cache, shared by 2 rows each) equals the
   log-probs of one forward over prompt + completion, windows sliding over both."""
