@@ -23,6 +23,7 @@ from grpo_jax.errors import UserError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+SUPERVISIONS = ("outcome", "process")
 IS_LEVELS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -72,6 +73,8 @@ class GrpoCfg:
   delta: Optional[float] = None  # cap on the unclipped ratio (two-sided clipping)
   loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
   scale_rewards: str = "group"  # group | batch | none
+  supervision: str = "outcome"  # outcome | process (step rewards, DeepSeekMath 4.1.3)
+  max_steps_per_completion: int = 16  # process: step slots; more steps merge into the last
   importance_sampling_level: str = "token"  # token | sequence (GSPO)
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
@@ -161,6 +164,7 @@ class Config:
   sampler: SamplerCfg = SamplerCfg()
   rewards: str = "exact_match:1,format:0.2"  # "name:weight,..." or "module:function:weight"
   rewards_timeout_s: float = 10.0  # per reward-function call
+  step_rewards: str = ""  # grpo.supervision="process": "name:weight,..." (outcome:w too)
   train: TrainCfg = TrainCfg()
   checkpoint: CheckpointCfg = CheckpointCfg()
   eval: EvalCfg = EvalCfg()
@@ -275,6 +279,7 @@ _ENUMS = {
     "model.param_dtype": DTYPES,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALE_REWARDS,
+    "grpo.supervision": SUPERVISIONS,
     "grpo.importance_sampling_level": IS_LEVELS,
     "train.lr_schedule": LR_SCHEDULES,
 }
@@ -295,6 +300,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.epsilon_high": (0, ""),
     "grpo.minibatches_per_iteration": (1, ""),
     "grpo.ref_reset_every": (0, "never"),
+    "grpo.max_steps_per_completion": (1, ""),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -355,6 +361,9 @@ def _validate(c: Config) -> None:
   _check(c.rewards.strip() != "", "rewards", c.rewards,
          "a non-empty 'name:weight,name:weight' list")
   g = c.grpo
+  _check(g.supervision != "process" or c.step_rewards.strip() != "", "step_rewards",
+         c.step_rewards, "a non-empty 'name:weight,...' list when grpo.supervision="
+         "'process', e.g. arithmetic_steps or countdown_steps")
   _check(g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta", g.delta,
          f"None or > 1 + epsilon_high = {1 + g.epsilon_high}")
   _check(c.data.prompts_per_step % g.minibatches_per_iteration == 0,

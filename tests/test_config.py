@@ -146,6 +146,9 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(eval__k=0), ["eval.k=0"]),
     (dict(data__prompt_buckets=(64, 32)), ["data.prompt_buckets", "increasing"]),
     (dict(rewards=" "), ["rewards=' '"]),
+    (dict(grpo__supervision="steps"), ["grpo.supervision='steps'", "outcome | process"]),
+    (dict(grpo__max_steps_per_completion=0), ["grpo.max_steps_per_completion=0", ">= 1"]),
+    (dict(grpo__supervision="process"), ["step_rewards=''", "grpo.supervision='process'"]),
     # Types.
     (dict(train__num_steps=1.5), ["train.num_steps=1.5", "expected int"]),
     (dict(grpo__epsilon_high="x"), ["grpo.epsilon_high='x'", "float or None"]),

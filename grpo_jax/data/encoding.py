@@ -129,13 +129,27 @@ def encode_sft(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, max
   return tokens_bt, loss_bt, attention_bt
 
 
+def text_positions(tokenizer, tokens: np.ndarray, mask: np.ndarray, *,
+                   eos_token_ids: Sequence[int] = ()) -> list[np.ndarray]:
+  """Per row of tokens [B, N], the positions (ascending) of the tokens its completion text
+  is decoded from: under mask [B, N], neither pad nor EOS."""
+  drop = [i for i in {pad_id(tokenizer), tokenizer.eos_token_id, *eos_token_ids}
+          if i is not None]
+  keep = (np.asarray(mask) > 0) & ~np.isin(np.asarray(tokens), drop)
+  return [np.flatnonzero(row) for row in keep]
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+  """The text of token ids as completions are decoded: special tokens kept."""
+  return tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
+
+
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, *,
                        eos_token_ids: Sequence[int] = ()) -> list[str]:
   """Completion texts from tokens [B, N] under mask [B, N], without pad and EOS tokens.
 
   Other special tokens (<think>, role markers) stay in the text.
   """
-  drop = {pad_id(tokenizer), tokenizer.eos_token_id, *eos_token_ids}
-  return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m and int(t) not in drop],
-                           skip_special_tokens=False)
-          for row, row_mask in zip(np.asarray(tokens), np.asarray(mask))]
+  tokens = np.asarray(tokens)
+  return [decode_ids(tokenizer, row[positions]) for row, positions in zip(
+      tokens, text_positions(tokenizer, tokens, mask, eos_token_ids=eos_token_ids))]
