@@ -142,15 +142,16 @@ class Trainer:
     self.ckpt.save(step, self.state, meta, force=force)
 
   def restore(self) -> int:
-    """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
-    step = self.ckpt.latest_step()
-    if step is None:
+    """Resumes from the newest checkpoint that reads back as written (newer, damaged ones
+    are moved aside); returns its step (-1: fresh start)."""
+    restored = self.ckpt.restore_newest_good(self.state)
+    if restored is None:
       # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
       # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    self.state, meta = self.ckpt.restore(self.state, step=step)
+    step, self.state, meta = restored
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
       logging.warning("resuming step %d with a config that differs from the checkpoint's "
@@ -291,6 +292,7 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
   components.init_distributed()  # before anything (freeze counts the devices) touches jax
   cfg = config_lib.freeze(config)
+  checkpoint_lib.check_writable(workdir, "--workdir")
   trainer = Trainer(cfg, workdir)
   return trainer.run()
 

@@ -111,9 +111,9 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   state = {"params": params, "opt_state": tx.init(params)}
   step_fn = make_sft_step(graphdef, tx)
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
-  start = (ckpt.latest_step() if ckpt is not None else None) or 0
-  if start:
-    state, meta = ckpt.restore(state, step=start)
+  start, restored = 0, ckpt.restore_newest_good(state) if ckpt is not None else None
+  if restored:
+    start, state, meta = restored
     stream.restore(meta["data"])
     if writer.enabled:
       print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
@@ -155,6 +155,7 @@ def run(config, workdir: str | None) -> str:
   cfg = config_lib.freeze(config)
   if cfg.sft.num_steps <= 0:
     raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
+  checkpoint_lib.check_writable(workdir, "--workdir")
   tokenizer, model = components.load_model(cfg)
   graphdef, params = nnx.split(model)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
