@@ -24,6 +24,7 @@ from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import liveness
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
@@ -290,11 +291,12 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
-  components.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  components.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
   checkpoint_lib.check_writable(workdir, "--workdir")
-  trainer = Trainer(cfg, workdir)
-  return trainer.run()
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    return Trainer(cfg, workdir).run()
 
 
 def main(argv) -> None:

@@ -27,6 +27,7 @@ from grpo_jax import cli
 from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
+from grpo_jax import liveness
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
@@ -151,29 +152,31 @@ def run(config, workdir: str | None) -> str:
   if config is None or not workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/demo.py "
                     "--workdir=runs/sft")
-  components.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  components.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
   if cfg.sft.num_steps <= 0:
     raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
   checkpoint_lib.check_writable(workdir, "--workdir")
-  tokenizer, model = components.load_model(cfg)
-  graphdef, params = nnx.split(model)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                                     tensorboard=cfg.logging.tensorboard)
-  ckpt = checkpointer(cfg, workdir)
-  params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
-                           stop=components.StopRequest())
-  ckpt.close()
-  writer.close()
-  if not finished:
-    return ""
-  out_dir = f"{workdir}/hf"
-  if jax.process_index() == 0:
-    models.save_pretrained(nnx.merge(graphdef, params), out_dir)
-    data_lib.save_tokenizer(tokenizer, out_dir)
-    logging.info("wrote %s", out_dir)
-  delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
-  return out_dir
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    tokenizer, model = components.load_model(cfg)
+    graphdef, params = nnx.split(model)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                       tensorboard=cfg.logging.tensorboard)
+    ckpt = checkpointer(cfg, workdir)
+    params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
+                             stop=components.StopRequest())
+    ckpt.close()
+    writer.close()
+    if not finished:
+      return ""
+    out_dir = f"{workdir}/hf"
+    if jax.process_index() == 0:
+      models.save_pretrained(nnx.merge(graphdef, params), out_dir)
+      data_lib.save_tokenizer(tokenizer, out_dir)
+      logging.info("wrote %s", out_dir)
+    delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
+    return out_dir
 
 
 def main(argv) -> None:

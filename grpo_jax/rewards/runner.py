@@ -11,6 +11,9 @@ keeps the process from exiting, and an exception is raised inside it to stop it;
 takes effect at its next Python bytecode, so a thread stuck in C code keeps running
 until the C call returns, and whatever it returns then is dropped.
 
+A function may also score most completions and report the others it could not score
+(`report_failures`, e.g. when a checker process died): they count in `num_failed` too.
+
 Works from any thread (no signals), e.g. a JAX host-callback thread.
 """
 
@@ -33,6 +36,7 @@ from grpo_jax.errors import UserError
 _LOG = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+_reported = threading.local()  # .count: failures the running function reported
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -48,7 +52,8 @@ class RewardSpec:
 class RewardResult:
   """total: [n] float32, the weighted sum over functions, skipping NaN (as TRL does);
   per_fn: name -> [n] float32, NaN where there is no score; num_failed: completions
-  times functions that raised, timed out or returned a wrong value."""
+  times functions that raised, timed out or returned a wrong value, plus the completions
+  functions reported unscored (report_failures)."""
   total: np.ndarray
   per_fn: dict[str, np.ndarray]
   num_failed: int
@@ -58,6 +63,13 @@ class _Abandoned(BaseException):
   """Raised inside a reward thread that missed its deadline, to stop it."""
 
 
+def report_failures(count: int) -> None:
+  """Counts `count` completions the calling reward function could not score (it gives them
+  NaN or None) in `num_failed`. Does nothing outside `compute`."""
+  if hasattr(_reported, "count"):
+    _reported.count += count
+
+
 class _Call:
   """`fn()` running in a daemon thread."""
 
@@ -65,13 +77,16 @@ class _Call:
     self.done = threading.Event()
     self.value: Any = None
     self.error: BaseException | None = None
+    self.reported = 0  # failures fn reported (report_failures)
     self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
                                     name=f"reward:{name}")
     self._thread.start()
 
   def _run(self, fn: Callable[[], Any]) -> None:
+    _reported.count = 0
     try:
       self.value = fn()
+      self.reported = _reported.count
     except _Abandoned:
       pass
     except BaseException as e:  # pylint: disable=broad-except
@@ -158,6 +173,7 @@ def compute(specs: Sequence[RewardSpec], prompts: Sequence[str],
       scores, failed = np.full((n,), np.nan, np.float32), n
     else:
       scores, failed = _scores(spec.name, call.value, n)
+      failed = min(n, failed + call.reported)
     per_fn[spec.name] = scores
     num_failed += failed
   weights = np.asarray([spec.weight for spec in specs], np.float32)
