@@ -136,6 +136,8 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class MeshCfg:
   shape: tuple[int, ...] = (1, -1, 1)  # MESH_AXES sizes; -1 fills the rest
+  # Multi-process runs: a process silent this long is lost and the others stop (liveness.py).
+  process_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +330,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "sft.max_len": (1, ""),
     "logging.every_steps": (1, ""),
     "logging.progress_every_s": (0, ""),
+    "mesh.process_timeout_s": (1, ""),
 }
 
 
@@ -419,7 +422,8 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
           max_new_tokens=_or(e.max_new_tokens, c.sampler.max_new_tokens)),
       sft=dataclasses.replace(c.sft, source=_or(c.sft.source, c.data.source)))
   _validate(c)
-  c = dataclasses.replace(c, mesh=MeshCfg(_resolve_mesh(c.mesh.shape, num_devices)))
+  c = dataclasses.replace(c, mesh=dataclasses.replace(
+      c.mesh, shape=_resolve_mesh(c.mesh.shape, num_devices)))
   _check_batch_layout(c)
   return c
 

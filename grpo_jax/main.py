@@ -23,6 +23,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import distributed
 from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import liveness
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
 from grpo_jax import sft as sft_lib
@@ -74,15 +75,16 @@ class Trainer:
     self.ckpt.save(step, self.state, meta, force=force)
 
   def restore(self) -> int:
-    """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
-    step = self.ckpt.latest_step()
-    if step is None:
+    """Resumes from the newest checkpoint that reads back as written (newer, damaged ones
+    are moved aside); returns its step (-1: fresh start)."""
+    restored = self.ckpt.restore_newest_good(self.state)
+    if restored is None:
       # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
       # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    self.state, meta = self.ckpt.restore(self.state, step=step)
+    step, self.state, meta = restored
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
       logging.warning("resuming step %d with a config that differs from the checkpoint's "
@@ -220,10 +222,12 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
-  distributed.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  distributed.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
-  trainer = Trainer(cfg, workdir)
-  return trainer.run()
+  checkpoint_lib.check_writable(workdir, "--workdir")
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    return Trainer(cfg, workdir).run()
 
 
 def main(argv) -> None:

@@ -1,4 +1,5 @@
-"""Reliability: preemption, crashes, bad input, numerical faults, reward faults, safe loading.
+"""Reliability: preemption, crashes, bad input, numerical faults, reward faults (a killed
+math-verify child among them), safe loading.
 
 The preemption and crash tests run the real command line in subprocesses on one CPU device
 (the 8-fake-device XLA flag of conftest.py is stripped from their environment) and compare
@@ -13,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -24,6 +26,9 @@ from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import config as config_lib
 from grpo_jax import main as main_lib
 from grpo_jax import metrics as metrics_lib
+from grpo_jax import rewards
+from grpo_jax.rewards import accuracy as accuracy_lib
+from grpo_jax.rewards import math_worker
 from tests.test_train import tiny_config, train_records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -366,6 +371,74 @@ def test_a_reward_function_past_its_timeout_is_counted_and_the_run_goes_on(tmp_p
     assert r["rl/reward_failures"] == 8  # B*G completions, all unscored by sleepy_reward
     assert np.isnan(r["rewards/tests.test_reliability:sleepy_reward"])
     assert np.isfinite(r["rewards/format"])
+
+
+def children():
+  """{pid: state} of this process's child processes ("Z": a zombie)."""
+  out = {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, IndexError):
+      continue  # gone meanwhile
+    if int(ppid) == os.getpid():
+      out[int(stat.parent.name)] = state
+  return out
+
+
+def cpu_ticks(pid):
+  try:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0
+  return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+RUNAWAY = r"\boxed{9^{9^{9^{9}}}}"  # sympy would compute this power for a very long time
+killed_workers = []
+
+
+def kill_the_busy_worker(idle_ticks, deadline_s=300.0):
+  """SIGKILLs the child that has used half a second of CPU past `idle_ticks` (the runaway
+  check: the others take milliseconds), as a crash on a hostile completion would end it."""
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline:
+    for pid, ticks in idle_ticks.items():
+      if cpu_ticks(pid) >= ticks + 50:
+        os.kill(pid, signal.SIGKILL)
+        killed_workers.append(pid)
+        return
+    time.sleep(0.01)
+
+
+def accuracy_with_a_killed_checker(prompts, completions, **columns):
+  """accuracy, with completion 0 made a runaway check whose math-verify child is killed."""
+  idle_ticks = {pid: cpu_ticks(pid) for pid in children()}
+  killer = threading.Thread(target=kill_the_busy_worker, args=(idle_ticks,))
+  killer.start()
+  try:
+    return rewards.REGISTRY["accuracy"](prompts, [RUNAWAY] + completions[1:], **columns)
+  finally:
+    killer.join()
+
+
+def test_a_killed_math_checker_is_a_counted_reward_failure_and_leaves_no_process(
+    tmp_path, monkeypatch):
+  before = children()
+  pool = math_worker.Pool(1)  # one child: the runaway check is the one that gets killed
+  monkeypatch.setattr(math_worker, "_POOL", pool)
+  monkeypatch.setattr(accuracy_lib, "CHECK_TIMEOUT_S", 300.0)  # a bound, never reached
+  assert pool.check_all([("2", "2")], 60.0) == [1.0]  # the child is up and idle
+  cfg = tiny_config(**{"rewards": "tests.test_reliability:accuracy_with_a_killed_checker",
+                       "rewards_timeout_s": 300.0, "train.num_steps": 1,
+                       "eval.num_prompts": 0})
+  main_lib.run(cfg, str(tmp_path))
+  [record] = train_records(str(tmp_path))
+  assert record["rl/reward_failures"] == 1  # the killed check; the step went on
+  assert len(killed_workers) == 1 and killed_workers[0] not in children()  # waited for
+  assert all(state != "Z" for state in children().values()), children()
+  pool.close()
+  assert children() == before
 
 
 # -- safety: no pickle, no remote code, no evaluation of model text ---------------------------
