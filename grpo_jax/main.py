@@ -186,10 +186,19 @@ class Trainer:
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.ckpt.directory}, where a new "
+             "run on this workdir resumes")
+    bad_ref = int(record.get("train/nonfinite_ref_logps", 0))
+    if bad_ref:
+      raise UserError(
+          f"step {step}: {consecutive} optimizer updates in a row were skipped "
+          f"(train.max_nan_steps={self.cfg.train.max_nan_steps}) because the reference "
+          f"policy's log-probs are NaN/Inf ({bad_ref} completion tokens this step): the "
+          f"reference parameters are broken; {where}, with the same broken reference unless "
+          "it is fixed; check model.path or set grpo.beta=0")
     raise UserError(
         f"step {step}: {consecutive} optimizer updates in a row had NaN/Inf gradients and were "
-        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); the last good checkpoint "
-        f"is step {last} in {self.ckpt.directory}, where a new run on this workdir resumes; "
+        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); {where}; "
         "lower train.learning_rate or check the rewards and data")
 
   def _print_eval(self, title: str, ev: dict[str, float]) -> None:

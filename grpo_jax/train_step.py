@@ -329,15 +329,23 @@ def reset_reference(ref_params, params, step: jax.Array, every: int):
 
 def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
                  update_metrics: dict[str, jax.Array], opt_state, learning_rate: jax.Array,
-                 reward_names: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates."""
+                 reward_names: tuple[str, ...], ref_logps: jax.Array | None
+                 ) -> dict[str, jax.Array]:
+  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates.
+
+  "train/nonfinite_ref_logps" counts the completion tokens whose reference log-prob is NaN
+  or infinite: a broken reference makes the loss, hence the update, non-finite."""
   lengths = rollout.mask.sum(-1)
+  nonfinite_ref = jnp.int32(0)
+  if ref_logps is not None:
+    nonfinite_ref = jnp.sum(~jnp.isfinite(ref_logps) & (rollout.mask > 0), dtype=jnp.int32)
   metrics = {
       "train/loss": update_metrics["loss"].mean(),
       "train/grad_norm": update_metrics["grad_norm"].mean(),
       "train/learning_rate": learning_rate,
       "train/nonfinite_updates": opt_state.total_notfinite,
       "train/nonfinite_consecutive": opt_state.notfinite_count,
+      "train/nonfinite_ref_logps": nonfinite_ref,
       "rl/reward_mean": rewards.total.mean(),
       "rl/reward_std": rewards.total.std(ddof=1),
       "rl/kl": update_metrics["kl"].mean(),
@@ -376,7 +384,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
   ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
   learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
   metrics = step_metrics(rollout, rewards, advs, update_metrics, opt_state, learning_rate,
-                         reward_names)
+                         reward_names, ref_logps)
   state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
   return state, metrics
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,6 +28,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import main as main_lib
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import rewards
+from grpo_jax.errors import UserError
 from grpo_jax.rewards import accuracy as accuracy_lib
 from grpo_jax.rewards import math_worker
 from tests.test_train import tiny_config, train_records
@@ -351,6 +353,26 @@ def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops_the_run(tmp_pa
   assert trainer.restore() == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainer.state.params))
   assert [r["step"] for r in train_records(workdir)] == [1, 2, 3]
+
+
+def test_a_broken_reference_is_counted_and_stops_the_run_naming_it(tmp_path):
+  over = {"grpo.beta": 0.04, "train.num_steps": 4, "train.max_nan_steps": 2,
+          "eval.num_prompts": 0, "rewards": "tests.test_reliability:digit_reward"}
+  trainer = main_lib.Trainer(config_lib.freeze(tiny_config(**over)), str(tmp_path))
+  # A reference checkpoint gone bad: one weight of pi_ref is NaN, the policy is intact.
+  ref = trainer.state.ref_params
+  ref["layers"][0]["mlp"]["down"].set_value(ref["layers"][0]["mlp"]["down"][...] * jnp.nan)
+  with pytest.raises(UserError) as error:
+    trainer.run()
+  assert "\n" not in str(error.value)
+  for words in ("step 2: 2 optimizer updates in a row", "reference policy's log-probs",
+                "train.max_nan_steps=2", "last good checkpoint is step 0"):
+    assert words in str(error.value), str(error.value)
+  records = train_records(str(tmp_path))
+  assert [(r["train/nonfinite_updates"], r["train/nonfinite_consecutive"]) for r in records] == [
+      (1, 1), (2, 2)]
+  assert all(r["train/nonfinite_ref_logps"] > 0 for r in records)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainer.state.params))
 
 
 # -- reward code ------------------------------------------------------------------------------
