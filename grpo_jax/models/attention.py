@@ -20,7 +20,9 @@ Implementations (`attend(..., impl=)`):
   "splash"     the Pallas TPU splash kernel: a static CausalMask / LocalMask with the
                offset, key padding as segment ids (valid keys 1, queries 1, invalid keys 0),
                the soft cap inside the kernel, GQA by the kernel's grouped heads. T and S are
-               padded to multiples of 128. Off TPU it runs in Pallas interpret mode (tests).
+               padded to multiples of 128. Under a mesh set by jax.set_mesh it runs in
+               shard_map (rows over the batch axes, heads over tensor), as XLA does not
+               partition a Pallas kernel. Off TPU it runs in Pallas interpret mode (tests).
   "cudnn"      `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; elsewhere the
                same call with implementation="xla", which is how it is tested). cuDNN
                takes causal masks from slot 0 and right padding only, so each row is rolled
