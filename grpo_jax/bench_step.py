@@ -30,6 +30,7 @@ from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
 
 QWEN_SHAPE = "qwen2.5-0.5b-shape"
+QWEN_NAMES = (QWEN_SHAPE, "qwen2.5-0.5b")  # both name random weights in Qwen2.5-0.5B's shape
 SWEEP_KEYS = {"G": "grpo.num_generations", "N": "sampler.max_new_tokens",
               "B": "data.prompts_per_step"}
 
@@ -44,15 +45,15 @@ def qwen25_05b_shape(dtype: str) -> models.ModelConfig:
 
 
 def check_model_spec(spec: str) -> None:
-  if spec not in ("demo", QWEN_SHAPE) and not os.path.isdir(spec):
-    raise UserError(f"--model={spec!r} is not allowed: demo | {QWEN_SHAPE} | a local "
-                    "Hugging Face checkpoint dir")
+  if spec not in ("demo",) + QWEN_NAMES and not os.path.isdir(spec):
+    raise UserError(f"--model={spec!r} is not allowed: demo | {' | '.join(QWEN_NAMES)} | a "
+                    "local Hugging Face checkpoint dir")
 
 
 def load_model(spec: str, dtype: str, seed: int) -> models.Transformer:
   """The model named by --model."""
   check_model_spec(spec)
-  if spec == QWEN_SHAPE:
+  if spec in QWEN_NAMES:
     return models.init(qwen25_05b_shape(dtype), seed=seed)
   cfg = config_lib.defaults()
   cfg.model.path = "" if spec == "demo" else spec
@@ -65,7 +66,7 @@ def load_model(spec: str, dtype: str, seed: int) -> models.Transformer:
 def model_path(spec: str, dtype: str, workdir: str) -> str:
   """model.path for --model: "" for demo, a checkpoint dir written here for the Qwen shape."""
   check_model_spec(spec)
-  if spec != QWEN_SHAPE:
+  if spec not in QWEN_NAMES:
     return "" if spec == "demo" else spec
   out = os.path.join(workdir, "qwen2.5-0.5b-shape")
   if not os.path.isfile(os.path.join(out, "config.json")):

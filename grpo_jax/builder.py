@@ -31,11 +31,18 @@ from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
+from grpo_jax.models import attention as attention_lib
 
 # -- the model, its tokenizer, the data ---------------------------------------------------------
 
 
-def demo_model_config(cfg: config_lib.Config, tokenizer) -> models.ModelConfig:
+def attention_impl(cfg: config_lib.Config, backend: str | None = None) -> str:
+  """The attention implementation model.attention names on backend (default: jax's)."""
+  return attention_lib.resolve(cfg.model.attention, backend or jax.default_backend())
+
+
+def demo_model_config(cfg: config_lib.Config, tokenizer,
+                      backend: str | None = None) -> models.ModelConfig:
   """The built-in demo model: a small Qwen2-shaped decoder over the demo tokenizer."""
   demo = cfg.model.demo
   return models.ModelConfig(
@@ -46,7 +53,8 @@ def demo_model_config(cfg: config_lib.Config, tokenizer) -> models.ModelConfig:
       rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True, qk_norm=False,
       max_position_embeddings=4096, bos_token_id=None,
       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-      dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+      dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+      attention=attention_impl(cfg, backend))
 
 
 def load_tokenizer(path: str):
@@ -69,7 +77,8 @@ def load_model(cfg: config_lib.Config):
     raise UserError(f"model.path={cfg.model.path!r} is not a directory; give a local Hugging "
                     "Face checkpoint dir (config.json + safetensors) or \"\" for the demo model")
   model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
-                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                 attention=attention_impl(cfg))
   return load_tokenizer(cfg.model.path), model
 
 

@@ -26,6 +26,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 SUPERVISIONS = ("outcome", "process")
 IS_LEVELS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.py
 LR_SCHEDULES = ("cosine", "constant")
 SOURCE_PREFIXES = ("synthetic:", "jsonl:", "tfds:")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -47,6 +48,7 @@ class ModelCfg:
   dtype: str = "float32"  # compute dtype
   param_dtype: Optional[str] = None  # None: same as dtype
   remat: bool = False  # rematerialise each block in the backward pass
+  attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
 
 
@@ -279,6 +281,7 @@ def _resolve_mesh(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
 _ENUMS = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
+    "model.attention": ATTENTION,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALE_REWARDS,
     "grpo.supervision": SUPERVISIONS,

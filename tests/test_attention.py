@@ -1,14 +1,16 @@
 """models.attention: every implementation against the einsum form, values and gradients."""
 
-import numpy as np
-import pytest
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
+from grpo_jax import models
 from grpo_jax.errors import UserError
 from grpo_jax.models import attention
-from grpo_jax.models.transformer import _attend
 
 
 def _case(seed, *, b=3, t=24, s=None, h=4, hkv=2, k=8, offset=0, left_pad=(0, 5, 40),
@@ -80,11 +82,27 @@ def _check_against_xla(impl, q, k, v, valid, offset, *, window=None, soft_cap=No
     _close(g_i, g_x, 2e-5)
 
 
-def test_xla_is_the_transformers_attention_bit_for_bit():
-  q, k, v, valid, offset = _case(0, offset=9)
-  mask = jnp.asarray(_mask(valid, offset, q.shape[1]))
-  got = attention.attend(q, k, v, key_valid_bs=valid, query_offset=offset, impl="xla")
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(_attend(q, k, v, mask)))
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_the_model_gives_the_same_logits_and_gradients_with_each_implementation(impl):
+  """A sliding-window, soft-capped model (Gemma 2-like layers) on left-padded rows."""
+  config = models.ModelConfig(
+      family="gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+      num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=5,
+      layer_types=("sliding_attention", "full_attention"), attn_logit_softcap=20.0,
+      final_logit_softcap=30.0, query_pre_attn_scalar=8.0, tie_word_embeddings=True)
+  tokens = jax.random.randint(jax.random.key(0), (2, 11), 1, 64)
+  mask = jnp.asarray(np.arange(11)[None] >= np.array([[0], [4]]), jnp.int32)
+
+  def logits_and_grad(attention_impl):
+    model = models.init(dataclasses.replace(config, attention=attention_impl), seed=3)
+    graphdef, params = nnx.split(model)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, mask) * mask[..., None])
+    return nnx.merge(graphdef, params)(tokens, mask), jax.grad(loss)(params)
+
+  (want, want_grad), (got, got_grad) = logits_and_grad("xla"), logits_and_grad(impl)
+  valid = np.asarray(mask) == 1
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-4)
+  jax.tree.map(lambda a, b: _close(a, b, 1e-4), got_grad, want_grad)
 
 
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (7, None), (None, 2.0), (5, 1.5)])

@@ -59,10 +59,11 @@ from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from grpo_jax import config as config_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax.errors import UserError
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+IMPLEMENTATIONS = config_lib.ATTENTION
 _AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "blockwise"}
 _MASKED = -1e30  # the "xla" form's score of a masked key: a row with every key masked stays finite
 _SPLASH_ALIGN = 128  # splash blocks are multiples of 128 slots

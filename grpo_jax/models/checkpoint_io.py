@@ -141,10 +141,12 @@ def _params(model: Transformer) -> Iterator[tuple[str, nnx.Param]]:
 
 
 def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *, param_dtype: str | None = None,
-                    remat: bool = False) -> Transformer:
-  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in dtype."""
+                    remat: bool = False, attention: str = "xla") -> Transformer:
+  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
+  dtype, attention by the implementation `attention` (models/attention.py)."""
   path = pathlib.Path(path)
-  config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
+  config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
+                               remat=remat, attention=attention)
   files = _by_causal_lm_name(_tensor_files(path))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   params = list(_params(model))

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax import logprobs as logprobs_lib
+from grpo_jax.models import attention as attention_lib
 from grpo_jax.models.config import FULL, SLIDING, ModelConfig
 from grpo_jax.models.kv_cache import KVCache
 from grpo_jax.models.rope import apply_rope, rope_angles
 
 _INIT_STD = 0.02
-_MASKED = -1e30  # score of a masked key; a row with every key masked stays finite
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -61,25 +61,6 @@ def _norm(config: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> RMSNorm:
                  rngs=rngs)
 
 
-def _attend(q_bthk: jax.Array, k_bhsk: jax.Array, v_bhsk: jax.Array, mask_bts: jax.Array, *,
-            scale: float, soft_cap: float | None) -> jax.Array:
-  """softmax(cap(q k^T * scale) + mask) v with grouped kv heads; scores and softmax in float32.
-
-  cap is s -> soft_cap * tanh(s / soft_cap) (Gemma 2), or nothing when soft_cap is None.
-  Keys and values come heads first, [B, Hkv, S, K] (the cache's layout), and the queries are
-  put the same way, so that both matmuls are plain batched ones over (B, Hkv).
-  """
-  b, t, h, k_dim = q_bthk.shape
-  hkv = k_bhsk.shape[1]
-  q = q_bthk.reshape(b, t, hkv, h // hkv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, R, T, K]
-  scores = jnp.einsum("bhrtk,bhsk->bhrts", q, k_bhsk, preferred_element_type=jnp.float32)
-  scores = logprobs_lib.soft_cap(scores * scale, soft_cap)
-  scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bhsk.dtype)
-  out = jnp.einsum("bhrts,bhsk->bhrtk", probs, v_bhsk)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE; optional q/k/v bias, o bias and per-head q/k RMSNorm."""
 
@@ -104,6 +85,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.scale = config.attention_scale
     self.soft_cap = config.attn_logit_softcap
+    self.impl = config.attention
 
   def _project(self, x_btd: jax.Array, w: nnx.Param, bias: nnx.Param | None) -> jax.Array:
     """x W (+ b): [B, T, D] -> [B, T, heads, K]."""
@@ -111,8 +93,12 @@ class Attention(nnx.Module):
     y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(cd))
     return y if bias is None else y + bias[...].astype(cd)
 
-  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
-               cache: KVCache | None, layer: int, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, key_valid_bs: jax.Array,
+               cache: KVCache | None, layer: int, cache_index: jax.Array | int,
+               window: int | None) -> tuple[jax.Array, KVCache | None]:
+    """Attention of x's T tokens at slots cache_index.. over the key_valid_bs [B, S] slots
+    (window: a sliding layer's W). A traced cache_index is a decode step: its attention
+    reads only the cache's filled blocks (attention.decode_attend)."""
     q = self._project(x_btd, self.q, self.q_bias)
     k = self._project(x_btd, self.k, self.k_bias)
     v = self._project(x_btd, self.v, self.v_bias)
@@ -128,7 +114,12 @@ class Attention(nnx.Module):
 
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
       k, v = cache.k[layer], cache.v[layer]
-    out = _attend(q, k, v, mask_bts, scale=self.scale, soft_cap=self.soft_cap)
+    options = dict(key_valid_bs=key_valid_bs, query_offset=cache_index, scale=self.scale,
+                   window=window, soft_cap=self.soft_cap)
+    if cache is not None and not isinstance(cache_index, int):
+      out = attention_lib.decode_attend(q, k, v, **options)
+    else:
+      out = attention_lib.attend(q, k, v, impl=self.impl, **options)
     y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
@@ -169,8 +160,9 @@ class Block(nnx.Module):
     self.post_attn_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
     self.post_mlp_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
 
-  def __call__(self, x_btd, cos, sin, mask_bts, cache, layer, cache_index):
-    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, cache, layer, cache_index)
+  def __call__(self, x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window):
+    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, key_valid_bs, cache, layer, cache_index,
+                         window)
     if self.post_attn_norm is not None:
       y = self.post_attn_norm(y)
     x_btd = x_btd + y
@@ -180,11 +172,14 @@ class Block(nnx.Module):
     return x_btd + y, cache
 
 
-def _run_block(block: Block, x_btd, cos, sin, mask_bts, cache, cache_index, layer: int):
-  return block(x_btd, cos, sin, mask_bts, cache, layer, cache_index)
+def _run_block(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
+               cache_index: jax.Array | int, window: int | None):
+  return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window)
 
 
-_run_block_remat = nnx.remat(_run_block, static_argnums=(7,))
+# Layer, cache index (an int wherever there is a backward pass) and window stay static, so
+# that the attention kernels see a static query offset.
+_run_block_remat = nnx.remat(_run_block, static_argnums=(6, 7, 8))
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
@@ -234,22 +229,17 @@ class Transformer(nnx.Module):
         config, positions, local=True)
     key_valid = attention_mask.astype(jnp.bool_)  # [B, S]
     if cache is not None:
-      cache_index = jnp.asarray(cache_index, jnp.int32)
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (jnp.int32(0), cache_index))
+      if not isinstance(cache_index, int):
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (0, cache_index))
       cache = cache.replace(valid=key_valid)
-    query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
-    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
-    causal_1ts = key_slots[None, None, :] <= query_slots[None, :, None]
-    masks = {FULL: causal_1ts & key_valid[:, None, :]}  # [B, T, S]
-    if config.sliding_window is not None:
-      window_1ts = key_slots[None, None, :] > query_slots[None, :, None] - config.sliding_window
-      masks[SLIDING] = masks[FULL] & window_1ts
+    windows = {FULL: None, SLIDING: config.sliding_window}
     if remat is None:
       remat = config.remat and cache is None
     run = _run_block_remat if remat else _run_block
     for layer, block in enumerate(self.layers):
       kind = config.layer_type(layer)
-      x, cache = run(block, x, *rope[kind], masks[kind], cache, cache_index, layer)
+      x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind])
     return self.final_norm(x), cache
 
   def unembed(self) -> jax.Array:
