@@ -26,6 +26,7 @@ from grpo_jax import evaluate as evaluate_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
+from grpo_jax import process_scoring
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
@@ -215,6 +216,17 @@ class Run:
                                 row_ids=jnp.asarray(row_ids, jnp.int32))
 
 
+def step_scorer(cfg: config_lib.Config, tokenizer, specs: rewards_lib.StepSpecs | None
+                ) -> process_scoring.StepScorer | None:
+  """The scorer of process supervision's step rewards `specs` (`step_rewards`); None under
+  outcome supervision (specs None)."""
+  if specs is None:
+    return None
+  return process_scoring.StepScorer(tokenizer, specs,
+                                    max_steps=cfg.grpo.max_steps_per_completion,
+                                    timeout_s=cfg.rewards_timeout_s)
+
+
 def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
   """(the run, the model's initial params in host memory).
 
@@ -224,13 +236,16 @@ def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
   """
   train_rows, eval_rows = load_rows(cfg)
   specs = rewards_lib.parse_spec(cfg.rewards)
+  step_specs = (rewards_lib.parse_step_spec(cfg.step_rewards)
+                if cfg.grpo.supervision == "process" else None)
   eval_reward = evaluate_lib.correctness_reward(cfg)
   eval_specs = ([s for s in specs if s.name == eval_reward]
                 or list(rewards_lib.parse_spec(eval_reward)))
   with jax.default_device(host_device()):
     tokenizer, model = load_model(cfg)
   scorer = scoring.Scorer(tokenizer, train_rows, specs, max_new_tokens=cfg.sampler.max_new_tokens,
-                          timeout_s=cfg.rewards_timeout_s)
+                          timeout_s=cfg.rewards_timeout_s,
+                          steps=step_scorer(cfg, tokenizer, step_specs))
   eval_scorer = scoring.Scorer(tokenizer, eval_rows, eval_specs,
                                max_new_tokens=cfg.eval.max_new_tokens,
                                timeout_s=cfg.rewards_timeout_s)

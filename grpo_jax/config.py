@@ -87,6 +87,12 @@ class GrpoCfg:
     return self.num_iterations * self.minibatches_per_iteration
 
   @property
+  def step_slots(self) -> int:
+    """S, the step slots of a completion the reward callback fills: 0 without process
+    supervision."""
+    return self.max_steps_per_completion if self.supervision == "process" else 0
+
+  @property
   def needs_old_logps(self) -> bool:
     """Whether pi_old differs from pi_theta at some update: after the first of a batch."""
     return self.updates_per_step > 1
@@ -364,6 +370,12 @@ def _validate(c: Config) -> None:
   _check(g.supervision != "process" or c.step_rewards.strip() != "", "step_rewards",
          c.step_rewards, "a non-empty 'name:weight,...' list when grpo.supervision="
          "'process', e.g. arithmetic_steps or countdown_steps")
+  _check(g.supervision == "process" or c.step_rewards.strip() == "", "step_rewards",
+         c.step_rewards, "'' unless grpo.supervision='process' (step rewards drive only "
+         "process supervision)")
+  _check(g.supervision != "process" or g.scale_rewards == "group", "grpo.scale_rewards",
+         g.scale_rewards, "'group' with grpo.supervision='process' (step rewards are "
+         "normalised over their group)")
   _check(g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta", g.delta,
          f"None or > 1 + epsilon_high = {1 + g.epsilon_high}")
   _check(c.data.prompts_per_step % g.minibatches_per_iteration == 0,

@@ -4,7 +4,8 @@ The step calls one function per phase, in the algorithm's order:
 
   prompts [B, T] --sample--> G completions each                    Rollout, R = B * G rows
     --score--> rewards of the R completions (host callback)          scoring.Rewards [R]
-    --advantage--> group-relative advantages, the loss mask          Advantages [R], [R, N]
+               (process supervision: and of their steps)                  [R, S]
+    --advantage--> group-relative advantages, the loss mask          Advantages [R] or [R, N]
     --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
     --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
                 value_and_grad(grpo_loss), one optimizer update per minibatch
@@ -68,10 +69,12 @@ class Rollout:
 
 @flax.struct.dataclass
 class Advantages:
-  advs: jax.Array  # [R] float32: (r - group mean) / group std (grpo.scale_rewards)
+  # [R] float32: (r - group mean) / group std (grpo.scale_rewards); process supervision:
+  # [R, N], each token's sum of the group-normalised rewards of its row's steps from it on
+  advs: jax.Array
   loss_mask: jax.Array  # [R, N] int32: the tokens the loss counts
   kept: jax.Array  # [R] float32: 1 for the rows the update uses, 0 for dropped groups
-  zero_std: jax.Array  # [B] bool: the group's rewards are all equal
+  zero_std: jax.Array  # [B] bool: the group has no signal (zero_std_groups)
 
 
 @flax.struct.dataclass
@@ -84,7 +87,7 @@ class LossBatch:
   tokens: jax.Array  # [R, N]
   mask: jax.Array  # [R, N]: the completion tokens the model runs on
   loss_mask: jax.Array  # [R, N]
-  advs: jax.Array  # [R]
+  advs: jax.Array  # [R] or [R, N]
   kept: jax.Array  # [R]
   old_logps: jax.Array | None  # [R, N], None when pi_old is the current policy
   ref_logps: jax.Array | None  # [R, N], None when beta == 0
@@ -201,33 +204,53 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
                  mask=mask, finished=finished)
 
 
-def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array,
-          rollout: Rollout) -> scoring.Rewards:
+def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array, rollout: Rollout,
+          step_slots: int = 0) -> scoring.Rewards:
   """The rewards of the R completions from the host callback `reward_fn` (scoring.Scorer's
-  contract), reached from inside the compiled step; F = num_rewards reward functions."""
+  contract), reached from inside the compiled step; F = num_rewards reward functions, and
+  S = step_slots steps a completion under process supervision (0: none)."""
   r = rollout.tokens.shape[0]
-  shapes = scoring.Rewards(total=jax.ShapeDtypeStruct((r,), jnp.float32),
-                           per_fn=jax.ShapeDtypeStruct((num_rewards, r), jnp.float32),
-                           failures=jax.ShapeDtypeStruct((), jnp.int32),
-                           seconds=jax.ShapeDtypeStruct((), jnp.float32))
+  shape = jax.ShapeDtypeStruct
+  shapes = scoring.Rewards(total=shape((r,), jnp.float32),
+                           per_fn=shape((num_rewards, r), jnp.float32),
+                           failures=shape((), jnp.int32), seconds=shape((), jnp.float32))
+  if step_slots:
+    shapes = shapes.replace(step_rewards=shape((r, step_slots), jnp.float32),
+                            step_ends=shape((r, step_slots), jnp.int32),
+                            steps_truncated=shape((r,), jnp.int32))
   return io_callback(reward_fn, shapes, row_ids, rollout.tokens, rollout.mask, ordered=False)
 
 
-def advantage(rewards_r: jax.Array, rollout: Rollout, grpo: config_lib.GrpoCfg) -> Advantages:
+def zero_std_groups(rewards: scoring.Rewards, group_size: int) -> jax.Array:
+  """[B] True for the groups without signal, whose advantages are all 0: every reward of the
+  group is the same, or, under process supervision, every reward of all its rows' steps."""
+  if rewards.step_rewards is None:
+    return advantages_lib.zero_std_groups(rewards.total, group_size)
+  return advantages_lib.zero_std_step_groups(rewards.step_rewards, rewards.step_ends,
+                                             group_size)
+
+
+def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoCfg
+              ) -> Advantages:
   """Group-relative advantages and the loss mask: truncated completions masked out with
-  grpo.mask_truncated_completions, groups whose rewards are all equal (no signal) dropped
-  with grpo.drop_zero_std_groups."""
+  grpo.mask_truncated_completions, groups without signal dropped with
+  grpo.drop_zero_std_groups. Outcome supervision: one advantage a row, from rewards.total;
+  process supervision: one a token (advantages.process_advantages of the steps)."""
   g = grpo.num_generations
-  zero_std = advantages_lib.zero_std_groups(rewards_r, g)
+  zero_std = zero_std_groups(rewards, g)
   loss_mask = rollout.mask
   if grpo.mask_truncated_completions:
     loss_mask = loss_mask * rollout.finished[:, None].astype(jnp.int32)
-  kept = jnp.ones(rewards_r.shape, jnp.float32)
+  kept = jnp.ones(rewards.total.shape, jnp.float32)
   if grpo.drop_zero_std_groups:
     kept = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
     loss_mask = loss_mask * kept[:, None].astype(jnp.int32)
-  return Advantages(advs=advantages_lib.group_advantages(rewards_r, g, scale=grpo.scale_rewards),
-                    loss_mask=loss_mask, kept=kept, zero_std=zero_std)
+  if grpo.supervision == "process":
+    advs = advantages_lib.process_advantages(rewards.step_rewards, rewards.step_ends,
+                                             rollout.tokens.shape[1], g)
+  else:
+    advs = advantages_lib.group_advantages(rewards.total, g, scale=grpo.scale_rewards)
+  return Advantages(advs=advs, loss_mask=loss_mask, kept=kept, zero_std=zero_std)
 
 
 def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings
@@ -347,14 +370,34 @@ def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
       "rl/completion_length": lengths.mean(),
       "rl/frac_truncated": 1.0 - rollout.finished.mean(),
       "rl/frac_zero_std_groups": advs.zero_std.mean(),
-      "rl/advantage_abs_mean": jnp.abs(advs.advs).mean(),
+      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), rollout.mask),
       "rl/reward_failures": rewards.failures,
       "perf/rollout_tokens": lengths.sum(),
       "perf/reward_s": rewards.seconds,
   }
   for i, name in enumerate(reward_names):
     metrics[f"rewards/{name}"] = jnp.nanmean(rewards.per_fn[i])
+  if rewards.step_rewards is not None:
+    metrics.update(step_reward_metrics(rewards))
   return metrics
+
+
+def _token_mean(x: jax.Array, mask_rn: jax.Array) -> jax.Array:
+  """The mean of x [R] over rows, or of x [R, N] over the completion tokens mask_rn [R, N]."""
+  if x.ndim == 1:
+    return x.mean()
+  return jnp.sum(x * mask_rn) / jnp.maximum(jnp.sum(mask_rn), 1)
+
+
+def step_reward_metrics(rewards: scoring.Rewards) -> dict[str, jax.Array]:
+  """Process supervision's metrics: the mean step reward (NaN without any scored step), the
+  steps a completion (merged ones included) and the steps merged away, of the batch."""
+  has_step = rewards.step_ends >= 0
+  return {
+      "rl/step_reward_mean": jnp.nanmean(jnp.where(has_step, rewards.step_rewards, jnp.nan)),
+      "rl/steps_per_completion": jnp.mean(has_step.sum(-1) + rewards.steps_truncated),
+      "rl/steps_truncated": rewards.steps_truncated.sum(),
+  }
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -366,8 +409,9 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
   """One GRPO step: the phases above, in order."""
   key = jax.random.fold_in(state.key, state.step)
   rollout = sample(graphdef, state.params, batch, key, settings, layout)
-  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout)
-  advs = advantage(rewards.total, rollout, settings.grpo)
+  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout,
+                  settings.grpo.step_slots)
+  advs = advantage(rewards, rollout, settings.grpo)
   old_logps, ref_logps = reference_logps(graphdef, state, rollout, settings)
   batches = loss_batches(rollout, advs, old_logps, ref_logps, settings)
   params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,

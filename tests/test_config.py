@@ -83,6 +83,18 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
+def test_demo_process_variant_is_the_demo_with_step_rewards():
+  outcome, process = _flat(_load("configs/demo.py").to_dict()), _flat(
+      _load("configs/demo.py:process").to_dict())
+  changed = {k: v for k, v in process.items() if outcome[k] != v}
+  assert changed == {"grpo.supervision": "process", "step_rewards": "arithmetic_steps"}
+  assert config.freeze(_load("configs/demo.py:process"), num_devices=1).grpo.step_slots == 16
+  demo = pytest.importorskip("configs.demo")
+  with pytest.raises(UserError, match=r"configs/demo.py:steps: no such variant; allowed: "
+                     r"configs/demo.py or configs/demo.py:process$"):
+    demo.get_config("steps")
+
+
 def test_hf_config_parses_arguments():
   cfg = _load("configs/hf.py:model=/ckpt/qwen,data=/d/train.jsonl,eval=/d/test.jsonl")
   c = config.freeze(cfg, num_devices=1)
@@ -149,6 +161,10 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(grpo__supervision="steps"), ["grpo.supervision='steps'", "outcome | process"]),
     (dict(grpo__max_steps_per_completion=0), ["grpo.max_steps_per_completion=0", ">= 1"]),
     (dict(grpo__supervision="process"), ["step_rewards=''", "grpo.supervision='process'"]),
+    (dict(step_rewards="arithmetic_steps"),
+     ["step_rewards='arithmetic_steps'", "'' unless grpo.supervision='process'"]),
+    (dict(grpo__supervision="process", step_rewards="arithmetic_steps",
+          grpo__scale_rewards="batch"), ["grpo.scale_rewards='batch'", "'group' with"]),
     # Types.
     (dict(train__num_steps=1.5), ["train.num_steps=1.5", "expected int"]),
     (dict(grpo__epsilon_high="x"), ["grpo.epsilon_high='x'", "float or None"]),

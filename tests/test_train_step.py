@@ -67,6 +67,13 @@ def _rollout(share=G) -> train_step_lib.Rollout:
       mask=jnp.asarray(mask), finished=jnp.asarray(lengths < N))
 
 
+def _rewards(total, **steps) -> scoring.Rewards:
+  """Rewards [B*G] with one reward function (the total), and step arrays when given."""
+  total = jnp.asarray(total, jnp.float32)
+  return scoring.Rewards(total=total, per_fn=total[None], failures=jnp.int32(0),
+                         seconds=jnp.float32(0.0), **steps)
+
+
 def _full_forward_logps(graphdef, params, rollout):
   """The definition: log softmax(logits / temperature) over prompt + completion, row by row."""
   per_row = lambda x: jnp.repeat(x, rollout.tokens.shape[0] // x.shape[0], axis=0)
@@ -150,12 +157,12 @@ def test_score_calls_the_reward_callback_with_the_batch_row_ids():
 def test_advantage_masks_truncated_rows_and_drops_groups_without_signal():
   rollout = _rollout()
   rewards = jnp.asarray([1.0, 0.0, 1.0, 2.0, 2.0, 2.0])  # the second group: all equal
-  plain = train_step_lib.advantage(rewards, rollout, _settings().grpo)
+  plain = train_step_lib.advantage(_rewards(rewards), rollout, _settings().grpo)
   np.testing.assert_array_equal(plain.loss_mask, rollout.mask)
   assert plain.zero_std.tolist() == [False, True] and plain.kept.tolist() == [1.0] * 6
   np.testing.assert_allclose(plain.advs[3:], 0.0)
   assert plain.advs[0] > 0 > plain.advs[1]
-  masked = train_step_lib.advantage(rewards, rollout, _settings(
+  masked = train_step_lib.advantage(_rewards(rewards), rollout, _settings(
       mask_truncated_completions=True, drop_zero_std_groups=True).grpo)
   keep = np.array([0, 1, 1, 0, 0, 0])  # rows 0 and 3 never reached EOS; the second group goes
   np.testing.assert_array_equal(masked.loss_mask, np.asarray(rollout.mask) * keep[:, None])
@@ -180,7 +187,7 @@ def test_reference_logps_computes_only_the_passes_the_loss_needs(grpo, passes):
 
 def test_loss_batches_split_whole_groups_and_share_prompts_within_micro_batches():
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.arange(6.0), rollout, _settings().grpo)
+  advs = train_step_lib.advantage(_rewards(jnp.arange(6.0)), rollout, _settings().grpo)
   settings = _settings(minibatches_per_iteration=2)
   batches = train_step_lib.loss_batches(rollout, advs, None, None, settings)
   assert batches.tokens.shape == (2, 1, 3, N) and batches.prompt_tokens.shape == (2, 1, 1, T)
@@ -206,7 +213,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(loss_type):
   rollout = _rollout()
   grpo = dict(loss_type=loss_type, beta=0.04, drop_zero_std_groups=True)
   rewards = jnp.asarray([1.0, 0.0, 3.0, 2.0, 2.0, 2.0])
-  advs = train_step_lib.advantage(rewards, rollout, _settings(**grpo).grpo)
+  advs = train_step_lib.advantage(_rewards(rewards), rollout, _settings(**grpo).grpo)
   graphdef, params = _model()
   ref = _full_forward_logps(graphdef, jax.tree.map(lambda x: x * 1.01, params), rollout)
   whole = _update(_settings(**grpo), rollout, advs, ref=ref)
@@ -220,7 +227,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(loss_type):
 def test_update_loss_is_the_grpo_loss_of_the_minibatch():
   graphdef, params = _model()
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.asarray([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
                                   _settings().grpo)
   _, _, metrics = _update(_settings(loss_type="dr_grpo"), rollout, advs)
   logps = _full_forward_logps(graphdef, params, rollout)
@@ -232,7 +239,7 @@ def test_update_loss_is_the_grpo_loss_of_the_minibatch():
 
 def test_minibatches_update_one_after_another_and_iterations_repeat_them():
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.asarray([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
                                   _settings().grpo)
   graphdef, params = _model()
   old = _full_forward_logps(graphdef, params, rollout)
