@@ -279,18 +279,18 @@ def bench_step(cfg: config_lib.Config, args: StepArgs) -> dict[str, Any]:
   run, params = builder.build_run(cfg)
   state = run.setup.init_state(params)
   del params
-  stream = data_lib.PromptStream(list(range(len(run.train_rows))), cfg.data.prompts_per_step,
-                                 cfg.train.seed)
+  stream = run.prompt_stream()
   r = cfg.data.prompts_per_step * cfg.grpo.num_generations
   n = cfg.sampler.max_new_tokens
   result, state = time_train_steps(run, state, stream, args.steps, args.warmup)
   # Before the pieces, which hold copies of the state of their own.
   result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
-  batch = run.batch(stream.next())
+  batch = run.batch(stream.next()[:cfg.data.prompts_per_step])  # the pieces: B prompts
   t = batch.prompt_tokens.shape[1]
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  sampled_rows = cfg.sampled_prompts_per_step * cfg.grpo.num_generations  # B' G
   result.update(rows=r, prompt_len=t, new_tokens=n, num_params=num_params,
-                step_rollout_tokens_per_s=r * n / result["step_s"])
+                step_rollout_tokens_per_s=sampled_rows * n / result["step_s"])
   if args.pieces:
     pieces = time_step_pieces(run.setup, state, batch, args.steps, args.warmup)
     mu = cfg.grpo.num_iterations

@@ -180,7 +180,7 @@ def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,
       ref_params=param_shardings if cfg.grpo.beta > 0 else None, key=replicated)
   settings = train_step_lib.StepSettings(
       grpo=cfg.grpo, grad_accum_steps=cfg.train.grad_accum_steps, sampling=sampling,
-      row_shards=mesh_lib.row_shards(mesh))
+      row_shards=mesh_lib.row_shards(mesh), kept_groups=cfg.data.prompts_per_step)
   eval_sampling = dataclasses.replace(sampling, max_new_tokens=cfg.eval.max_new_tokens,
                                       temperature=cfg.eval.temperature, stop_at_eos=True)
   return TrainSetup(
@@ -206,6 +206,12 @@ class Run:
   scorer: scoring.Scorer  # the train step's reward callback, over train_rows
   eval_scorer: scoring.Scorer  # evaluation's correctness reward, over eval_rows
   eval_reward: str  # its name
+
+  def prompt_stream(self) -> data_lib.PromptStream:
+    """The training rows' ids in batches of the prompts a step samples (B', see
+    Config.sampled_prompts_per_step), shuffled each epoch by train.seed."""
+    return data_lib.PromptStream(list(range(len(self.train_rows))),
+                                 self.cfg.sampled_prompts_per_step, self.cfg.train.seed)
 
   def batch(self, row_ids: Sequence[int]) -> train_step_lib.Batch:
     """The train step's batch of the training rows row_ids."""

@@ -78,6 +78,7 @@ class GrpoCfg:
   importance_sampling_level: str = "token"  # token | sequence (GSPO)
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
+  oversample: float = 1.0  # dynamic sampling: sample round(B * oversample) prompts, keep B
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
 
@@ -177,6 +178,12 @@ class Config:
   mesh: MeshCfg = MeshCfg()
   sft: SftCfg = SftCfg()
   logging: LoggingCfg = LoggingCfg()
+
+  @property
+  def sampled_prompts_per_step(self) -> int:
+    """B', the prompts a step samples: round(B * grpo.oversample); dynamic sampling trains
+    on B of their groups."""
+    return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
 def _optional_base(hint: Any) -> Any:
@@ -307,6 +314,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.minibatches_per_iteration": (1, ""),
     "grpo.ref_reset_every": (0, "never"),
     "grpo.max_steps_per_completion": (1, ""),
+    "grpo.oversample": (1, "no over-sampling"),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -390,7 +398,8 @@ def _validate(c: Config) -> None:
 
 
 def _check_batch_layout(c: Config) -> None:
-  """Each micro-batch of B*G rows must split evenly over the data-parallel devices."""
+  """Each micro-batch of B*G rows, and the B'*G sampled rows, must split evenly over the
+  data-parallel devices."""
   data, fsdp, _ = c.mesh.shape
   rows = c.data.prompts_per_step * c.grpo.num_generations
   _check(rows % (data * fsdp) == 0, "data.prompts_per_step", c.data.prompts_per_step,
@@ -401,6 +410,10 @@ def _check_batch_layout(c: Config) -> None:
          c.train.grad_accum_steps,
          f"B*G = {rows} rows split into minibatches_per_iteration * grad_accum_steps = "
          f"{micro} micro-batches must stay divisible by data*fsdp = {data * fsdp}")
+  sampled = c.sampled_prompts_per_step * c.grpo.num_generations
+  _check(sampled % (data * fsdp) == 0, "grpo.oversample", c.grpo.oversample,
+         f"sampled prompts round(prompts_per_step * oversample) * grpo.num_generations = "
+         f"{sampled} must be divisible by the data-parallel size data*fsdp = {data * fsdp}")
 
 
 def _or(value: Any, default: Any) -> Any:

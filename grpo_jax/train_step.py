@@ -2,19 +2,22 @@
 
 The step calls one function per phase, in the algorithm's order:
 
-  prompts [B, T] --sample--> G completions each                    Rollout, R = B * G rows
-    --score--> rewards of the R completions (host callback)          scoring.Rewards [R]
-               (process supervision: and of their steps)                  [R, S]
+  prompts [B', T] --sample--> G completions each                   Rollout, B' * G rows
+    --score--> rewards of the completions (host callback)            scoring.Rewards [B' G]
+               (process supervision: and of their steps)                  [B' G, S]
+    --select_groups--> dynamic sampling: B of the B' groups, those with signal first
+                                                                    Selection, R = B * G rows
     --advantage--> group-relative advantages, the loss mask          Advantages [R] or [R, N]
     --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
     --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
                 value_and_grad(grpo_loss), one optimizer update per minibatch
     --reset_reference--> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
 
-Prompts stay prompts ([B, T], or [R / S, T]): S consecutive rows of a group share one
-prompt, which runs through the model once for them in sampling, the log-prob passes and
-the update (`completion_logps`); S is `prompt_share` of the rows of the pass. The state is
-donated. Randomness: `fold_in(state.key, state.step)`.
+B' = B without dynamic sampling (grpo.oversample = 1). Prompts stay prompts ([B, T], or
+[R / S, T]): S consecutive rows of a group share one prompt, which runs through the model
+once for them in sampling, the log-prob passes and the update (`completion_logps`); S is
+`prompt_share` of the rows of the pass. The state is donated. Randomness:
+`fold_in(state.key, state.step)`.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ class TrainState:
 
 @flax.struct.dataclass
 class Batch:
-  prompt_tokens: jax.Array  # [B, T] int32, left padded
-  prompt_mask: jax.Array  # [B, T] int32
-  row_ids: jax.Array  # [B] int32: each prompt's row in the reward callback's dataset rows
+  """The prompts a step samples: B' = B, or round(B * grpo.oversample) for dynamic sampling."""
+
+  prompt_tokens: jax.Array  # [B', T] int32, left padded
+  prompt_mask: jax.Array  # [B', T] int32
+  row_ids: jax.Array  # [B'] int32: each prompt's row in the reward callback's dataset rows
 
 
 @flax.struct.dataclass
@@ -75,6 +80,15 @@ class Advantages:
   loss_mask: jax.Array  # [R, N] int32: the tokens the loss counts
   kept: jax.Array  # [R] float32: 1 for the rows the update uses, 0 for dropped groups
   zero_std: jax.Array  # [B] bool: the group has no signal (zero_std_groups)
+
+
+@flax.struct.dataclass
+class Selection:
+  """The B groups a step trains on, of the B' it sampled (dynamic sampling)."""
+
+  rollout: Rollout  # the kept groups' rows, R = B * G
+  rewards: scoring.Rewards  # their rewards ([R], [F, R], [R, S])
+  with_signal: jax.Array  # [B'] bool: the sampled groups that have signal (not zero_std_groups)
 
 
 @flax.struct.dataclass
@@ -101,6 +115,7 @@ class StepSettings:
   grad_accum_steps: int  # A, train.grad_accum_steps
   sampling: sampler_lib.SamplingSettings
   row_shards: int = 1  # how many ways the mesh splits the rows (mesh.row_shards)
+  kept_groups: int = 0  # B, the groups the update trains on (of B' sampled); 0 = all sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +245,36 @@ def zero_std_groups(rewards: scoring.Rewards, group_size: int) -> jax.Array:
                                              group_size)
 
 
+def select_groups(batch: Batch, rollout: Rollout, rewards: scoring.Rewards,
+                  settings: StepSettings, layout: Layout | None = None) -> Selection:
+  """Dynamic sampling (DAPO): the B = settings.kept_groups groups to train on, of the B'
+  sampled. Groups with signal come first, then those without (advantages 0), each in the
+  order they were sampled: fewer than B with signal fills the rest with groups without.
+  A group's rows, prompt and rewards go with it; with a layout the kept rows are laid out
+  over the mesh's batch axes again. B = B' keeps every group where it is.
+  """
+  g = settings.grpo.num_generations
+  with_signal = ~zero_std_groups(rewards, g)  # [B']
+  sampled, kept = with_signal.shape[0], settings.kept_groups or with_signal.shape[0]
+  if kept == sampled:
+    return Selection(rollout=rollout, rewards=rewards, with_signal=with_signal)
+  groups = jnp.argsort(~with_signal, stable=True)[:kept]  # [B]
+  rows = (groups[:, None] * g + jnp.arange(g)).reshape(-1)  # [R]
+  share = prompt_share(g, kept * g, settings.row_shards)
+  prompts = lambda x: jnp.repeat(x[groups], g // share, axis=0)  # [R / S, T]
+  kept_rollout = Rollout(
+      prompt_tokens=prompts(batch.prompt_tokens), prompt_mask=prompts(batch.prompt_mask),
+      tokens=rollout.tokens[rows], mask=rollout.mask[rows], finished=rollout.finished[rows])
+  if layout is not None:
+    kept_rollout = jax.lax.with_sharding_constraint(kept_rollout, layout.rows)
+  steps = lambda x: None if x is None else x[rows]
+  kept_rewards = rewards.replace(
+      total=rewards.total[rows], per_fn=rewards.per_fn[:, rows],
+      step_rewards=steps(rewards.step_rewards), step_ends=steps(rewards.step_ends),
+      steps_truncated=steps(rewards.steps_truncated))
+  return Selection(rollout=kept_rollout, rewards=kept_rewards, with_signal=with_signal)
+
+
 def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoCfg
               ) -> Advantages:
   """Group-relative advantages and the loss mask: truncated completions masked out with
@@ -350,11 +395,19 @@ def reset_reference(ref_params, params, step: jax.Array, every: int):
   return jax.lax.cond(step % every == 0, lambda: params, lambda: ref_params)
 
 
-def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
-                 update_metrics: dict[str, jax.Array], opt_state, learning_rate: jax.Array,
-                 reward_names: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates."""
+def step_metrics(rollout: Rollout, rewards: scoring.Rewards, selection: Selection,
+                 advs: Advantages, update_metrics: dict[str, jax.Array], opt_state,
+                 learning_rate: jax.Array, reward_names: tuple[str, ...]
+                 ) -> dict[str, jax.Array]:
+  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates.
+
+  What was sampled and its rewards are measured over the B' sampled groups (rollout,
+  rewards); the advantages and the update over the B kept ones (selection, advs).
+  """
   lengths = rollout.mask.sum(-1)
+  kept_rows = selection.rollout.mask
+  kept_groups = kept_rows.shape[0] // (lengths.shape[0] // selection.with_signal.shape[0])
+  with_signal = selection.with_signal.sum()
   metrics = {
       "train/loss": update_metrics["loss"].mean(),
       "train/grad_norm": update_metrics["grad_norm"].mean(),
@@ -370,7 +423,10 @@ def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
       "rl/completion_length": lengths.mean(),
       "rl/frac_truncated": 1.0 - rollout.finished.mean(),
       "rl/frac_zero_std_groups": advs.zero_std.mean(),
-      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), rollout.mask),
+      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), kept_rows),
+      "rl/groups_sampled": jnp.float32(selection.with_signal.shape[0]),
+      "rl/groups_with_signal": with_signal,
+      "rl/groups_short": jnp.maximum(kept_groups - with_signal, 0),
       "rl/reward_failures": rewards.failures,
       "perf/rollout_tokens": lengths.sum(),
       "perf/reward_s": rewards.seconds,
@@ -411,16 +467,17 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
   rollout = sample(graphdef, state.params, batch, key, settings, layout)
   rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout,
                   settings.grpo.step_slots)
-  advs = advantage(rewards, rollout, settings.grpo)
-  old_logps, ref_logps = reference_logps(graphdef, state, rollout, settings)
-  batches = loss_batches(rollout, advs, old_logps, ref_logps, settings)
+  selection = select_groups(batch, rollout, rewards, settings, layout)
+  advs = advantage(selection.rewards, selection.rollout, settings.grpo)
+  old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings)
+  batches = loss_batches(selection.rollout, advs, old_logps, ref_logps, settings)
   params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
                                              batches, settings)
   step = state.step + 1
   ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
   learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
-  metrics = step_metrics(rollout, rewards, advs, update_metrics, opt_state, learning_rate,
-                         reward_names)
+  metrics = step_metrics(rollout, rewards, selection, advs, update_metrics, opt_state,
+                         learning_rate, reward_names)
   state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
   return state, metrics
 

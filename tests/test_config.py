@@ -176,6 +176,9 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(data__prompts_per_step=3, grpo__num_generations=2),
      ["data.prompts_per_step=3", "divisible", "data*fsdp = 8"]),
     (dict(train__grad_accum_steps=8), ["train.grad_accum_steps=8", "data*fsdp = 8"]),
+    (dict(grpo__num_generations=2, grpo__oversample=1.25),
+     ["grpo.oversample=1.25", "= 10 must be divisible", "data*fsdp = 8"]),
+    (dict(grpo__oversample=0.5), ["grpo.oversample=0.5", ">= 1 (1 = no over-sampling)"]),
     (dict(model__demo=dict(num_heads=3)), ["model.demo.hidden_size=128", "num_heads=3"]),
     # Mesh.
     (dict(mesh__shape=(1, -1)), ["mesh.shape=(1, -1)", "at most one -1"]),
@@ -206,6 +209,13 @@ def test_unknown_key_suggests_the_closest():
 def test_section_replaced_by_a_value_is_an_error():
   msg = _error(num_devices=1, sampler=3)
   assert msg.startswith("config key sampler=3: expected a section")
+
+
+def test_oversample_rounds_the_sampled_prompts():
+  c = config.freeze({"data": {"prompts_per_step": 4}, "grpo": {"oversample": 1.5}},
+                    num_devices=1)
+  assert (c.data.prompts_per_step, c.sampled_prompts_per_step) == (4, 6)
+  assert config.freeze(config.defaults(), num_devices=1).sampled_prompts_per_step == 4
 
 
 def test_missing_keys_take_defaults_and_lists_become_tuples():
