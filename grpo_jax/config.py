@@ -79,6 +79,7 @@ class GrpoCfg:
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
   oversample: float = 1.0  # dynamic sampling: sample round(B * oversample) prompts, keep B
+  top_entropy_quantile: float = 1.0  # policy loss on the top share of tokens by entropy; 1 = all
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
 
@@ -315,6 +316,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.ref_reset_every": (0, "never"),
     "grpo.max_steps_per_completion": (1, ""),
     "grpo.oversample": (1, "no over-sampling"),
+    "grpo.top_entropy_quantile": (0, "only the highest-entropy tokens"),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -371,6 +373,8 @@ def _validate(c: Config) -> None:
          "a non-empty increasing tuple of lengths >= 1")
   _check(0 < c.sampler.top_p <= 1, "sampler.top_p", c.sampler.top_p, "0 < top_p <= 1")
   _check(c.train.adam_b1 < 1, "train.adam_b1", c.train.adam_b1, "0 <= b1 < 1")
+  _check(c.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile",
+         c.grpo.top_entropy_quantile, "0 <= q <= 1 (1 = every token)")
   _check(c.train.adam_b2 < 1, "train.adam_b2", c.train.adam_b2, "0 <= b2 < 1")
   _check(c.rewards.strip() != "", "rewards", c.rewards,
          "a non-empty 'name:weight,name:weight' list")

@@ -10,12 +10,13 @@ The step calls one function per phase, in the algorithm's order:
     --advantage--> group-relative advantages, the loss mask          Advantages [R] or [R, N]
     --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
     --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
-                value_and_grad(grpo_loss), one optimizer update per minibatch
+                value_and_grad(grpo_loss), one optimizer update per minibatch; the log-prob
+                pass also gives token entropies (rl/entropy, grpo.top_entropy_quantile)
     --reset_reference--> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
 
 B' = B without dynamic sampling (grpo.oversample = 1). Prompts stay prompts ([B, T], or
 [R / S, T]): S consecutive rows of a group share one prompt, which runs through the model
-once for them in sampling, the log-prob passes and the update (`completion_logps`); S is
+once for them in sampling, the log-prob passes and the update (completion_logps.py); S is
 `prompt_share` of the rows of the pass. The state is donated. Randomness:
 `fold_in(state.key, state.step)`.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax
@@ -35,10 +35,10 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from grpo_jax import advantages as advantages_lib
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
-from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
 
@@ -150,46 +150,6 @@ def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: i
   )
 
 
-def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
-  """S, how many consecutive rows share a prompt forward: gcd(G, rows per shard).
-
-  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
-  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
-  """
-  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
-
-
-def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
-                     completion_mask, temperature: float) -> jax.Array:
-  """Log-probs [R, N] float32 of completion_tokens [R, N] after their prompts, under params.
-
-  prompt_tokens / prompt_mask [P, T] (left padded) are the prompts of the R = P * S rows, S
-  consecutive rows each (S = 1: one prompt per row). Each prompt runs through the model once
-  and its keys and values serve its S completions: the prompt costs 1/S of a forward over the
-  concatenated rows, whose log-probs these equal. Token T + n is predicted by the hidden state
-  at T + n - 1; the vocab projection is chunked so that [R, N, V] float32 logits never exist.
-  """
-  model = nnx.merge(graphdef, params)
-  num_prompts, t = prompt_tokens.shape
-  r, n = completion_tokens.shape
-  per_row = lambda x: jnp.repeat(x, r // num_prompts, axis=0)  # [P, ...] -> [R, ...]
-  remat = model.config.remat
-  cache = models.init_cache(model.config, num_prompts, t)
-  h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
-                              attention_mask=prompt_mask, cache=cache, cache_index=0, remat=remat)
-  h_rnd = per_row(h_ptd[:, -1:])  # the last prompt token predicts the first completion token
-  if n > 1:
-    # Completion token n sits at position (real prompt tokens) + (real tokens up to n) - 1.
-    positions = per_row(prompt_mask.sum(-1, keepdims=True)) + jnp.cumsum(completion_mask, -1) - 1
-    h_rest, _ = model.hidden(
-        completion_tokens[:, :-1], positions=jnp.maximum(positions[:, :-1], 0),
-        attention_mask=completion_mask[:, :-1],
-        cache=models.expand_cache(cache, r // num_prompts, t + n - 1),
-        cache_index=t, remat=remat)
-    h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
-  return model.token_logprobs(h_rnd, completion_tokens, temperature=temperature)
-
-
 # -- the phases, in the order the step runs them ------------------------------------------------
 
 
@@ -202,7 +162,7 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
   weights gathered over them in the compute dtype).
   """
   g = settings.grpo.num_generations
-  share = prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
+  share = logps_lib.prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
   prompt_tokens = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / S, T]
   prompt_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
   if layout is not None:
@@ -260,7 +220,7 @@ def select_groups(batch: Batch, rollout: Rollout, rewards: scoring.Rewards,
     return Selection(rollout=rollout, rewards=rewards, with_signal=with_signal)
   groups = jnp.argsort(~with_signal, stable=True)[:kept]  # [B]
   rows = (groups[:, None] * g + jnp.arange(g)).reshape(-1)  # [R]
-  share = prompt_share(g, kept * g, settings.row_shards)
+  share = logps_lib.prompt_share(g, kept * g, settings.row_shards)
   prompts = lambda x: jnp.repeat(x[groups], g // share, axis=0)  # [R / S, T]
   kept_rollout = Rollout(
       prompt_tokens=prompts(batch.prompt_tokens), prompt_mask=prompts(batch.prompt_mask),
@@ -302,7 +262,7 @@ def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: Ste
                     ) -> tuple[jax.Array | None, jax.Array | None]:
   """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
   some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0."""
-  logps = lambda params: jax.lax.stop_gradient(completion_logps(
+  logps = lambda params: jax.lax.stop_gradient(logps_lib.completion_logps(
       graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
       rollout.mask, settings.sampling.logprob_temperature))
   old = logps(state.params) if settings.grpo.needs_old_logps else None
@@ -319,7 +279,8 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
   """
   m, a = settings.grpo.minibatches_per_iteration, settings.grad_accum_steps
   r = rollout.tokens.shape[0]
-  share = prompt_share(settings.grpo.num_generations, r // (m * a), settings.row_shards)
+  share = logps_lib.prompt_share(settings.grpo.num_generations, r // (m * a),
+                                 settings.row_shards)
   copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
   batch = LossBatch(
       prompt_tokens=jnp.repeat(rollout.prompt_tokens, copies, axis=0),
@@ -332,16 +293,28 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
 def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
                minibatch_rows: jax.Array, *, graphdef, settings: StepSettings):
   """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
-  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux)."""
+  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux).
+
+  The log-prob pass also gives each token's entropy: with grpo.top_entropy_quantile = q < 1
+  the policy term counts only the micro-batch's top q of loss tokens by entropy
+  (loss.high_entropy_mask, as TRL takes it over each micro-batch); aux adds the entropy's
+  sum and token count over the completion tokens (micro.mask), for rl/entropy.
+  """
   g = settings.grpo
-  logps = completion_logps(graphdef, params, micro.prompt_tokens, micro.prompt_mask,
-                           micro.tokens, micro.mask, settings.sampling.logprob_temperature)
-  return loss_lib.grpo_loss(
+  logps, entropy = logps_lib.completion_logps_and_entropy(
+      graphdef, params, micro.prompt_tokens, micro.prompt_mask, micro.tokens, micro.mask,
+      settings.sampling.logprob_temperature)
+  policy_mask = None
+  if g.top_entropy_quantile < 1:
+    policy_mask = loss_lib.high_entropy_mask(entropy, micro.loss_mask, g.top_entropy_quantile)
+  value, aux = loss_lib.grpo_loss(
       logps, micro.old_logps, micro.ref_logps, micro.advs, micro.loss_mask,
       epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta, beta=g.beta,
       loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
       max_completion_length=settings.sampling.max_new_tokens,
-      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows)
+      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows, policy_mask=policy_mask)
+  mask = micro.mask.astype(jnp.float32)
+  return value, dict(aux, entropy_sum=jnp.sum(entropy * mask), entropy_tokens=jnp.sum(mask))
 
 
 def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
@@ -417,6 +390,8 @@ def step_metrics(rollout: Rollout, rewards: scoring.Rewards, selection: Selectio
       "rl/reward_mean": rewards.total.mean(),
       "rl/reward_std": rewards.total.std(ddof=1),
       "rl/kl": update_metrics["kl"].mean(),
+      "rl/entropy": (update_metrics["entropy_sum"].sum()
+                     / jnp.maximum(update_metrics["entropy_tokens"].sum(), 1.0)),
       "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
       "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
       "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),

@@ -179,6 +179,8 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(grpo__num_generations=2, grpo__oversample=1.25),
      ["grpo.oversample=1.25", "= 10 must be divisible", "data*fsdp = 8"]),
     (dict(grpo__oversample=0.5), ["grpo.oversample=0.5", ">= 1 (1 = no over-sampling)"]),
+    (dict(grpo__top_entropy_quantile=1.5), ["grpo.top_entropy_quantile=1.5", "0 <= q <= 1"]),
+    (dict(grpo__top_entropy_quantile=-0.1), ["grpo.top_entropy_quantile=-0.1", ">= 0"]),
     (dict(model__demo=dict(num_heads=3)), ["model.demo.hidden_size=128", "num_heads=3"]),
     # Mesh.
     (dict(mesh__shape=(1, -1)), ["mesh.shape=(1, -1)", "at most one -1"]),
