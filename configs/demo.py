@@ -11,15 +11,25 @@ Held-out pass@1 (new prompts, k = 4 samples at temperature 1) is printed before 
 at the end, and workdir/progress.png plots reward and pass@1 over steps.
 
   python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo
+
+The variant `configs/demo.py:process` is the same run with process supervision
+(DeepSeekMath 4.1.3): each line of the worked solution and the final answer is a step with a
+reward of its own (`arithmetic_steps`), in place of the outcome rewards.
 """
 
 import ml_collections
 
 from grpo_jax import config
+from grpo_jax.errors import UserError
+
+VARIANTS = ("process",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # The demo takes no arguments.
+  """The demo's config; arg "process" for the process-supervision variant."""
+  if arg and arg not in VARIANTS:
+    raise UserError(f"configs/demo.py:{arg}: no such variant; allowed: configs/demo.py or "
+                    + " or ".join(f"configs/demo.py:{v}" for v in VARIANTS))
   cfg = config.defaults()
   cfg.model.path = ""  # the built-in demo model, shaped by cfg.model.demo
   cfg.model.dtype = "float32"
@@ -44,4 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.eval.num_prompts = 96
   cfg.eval.k = 4
   cfg.logging.progress_every_s = 5.0
+  if arg == "process":
+    cfg.grpo.supervision = "process"
+    cfg.step_rewards = "arithmetic_steps"
   return cfg

@@ -22,6 +22,7 @@ from flax import nnx
 
 from grpo_jax import bench_trl
 from grpo_jax import builder
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import models
@@ -261,13 +262,13 @@ def train_flops(cfg: config_lib.Config, num_params: int, prompt_len: int, logps_
                 row_shards: int = 1) -> int:
   """Model FLOPs of a step's log-prob passes (2 P per token) and updates (6 P per token, mu
   times), over the tokens the model runs on: each row's N - 1 completion tokens ahead of the
-  last, and a prompt once per block of rows that share it (train_step.prompt_share)."""
+  last, and a prompt once per block of rows that share it (completion_logps.prompt_share)."""
   g, n = cfg.grpo.num_generations, cfg.sampler.max_new_tokens
   r = cfg.data.prompts_per_step * g
   micro_rows = r // (cfg.grpo.minibatches_per_iteration * cfg.train.grad_accum_steps)
 
   def tokens(rows_per_pass):
-    share = train_step_lib.prompt_share(g, rows_per_pass, row_shards)
+    share = logps_lib.prompt_share(g, rows_per_pass, row_shards)
     return r * (n - 1) + r // share * prompt_len
 
   return (6 * num_params * cfg.grpo.num_iterations * tokens(micro_rows) +
@@ -280,18 +281,18 @@ def bench_step(cfg: config_lib.Config, args: StepArgs) -> dict[str, Any]:
   run, params = builder.build_run(cfg)
   state = run.setup.init_state(params)
   del params
-  stream = data_lib.PromptStream(list(range(len(run.train_rows))), cfg.data.prompts_per_step,
-                                 cfg.train.seed)
+  stream = run.prompt_stream()
   r = cfg.data.prompts_per_step * cfg.grpo.num_generations
   n = cfg.sampler.max_new_tokens
   result, state = time_train_steps(run, state, stream, args.steps, args.warmup)
   # Before the pieces, which hold copies of the state of their own.
   result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
-  batch = run.batch(stream.next())
+  batch = run.batch(stream.next()[:cfg.data.prompts_per_step])  # the pieces: B prompts
   t = batch.prompt_tokens.shape[1]
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  sampled_rows = cfg.sampled_prompts_per_step * cfg.grpo.num_generations  # B' G
   result.update(rows=r, prompt_len=t, new_tokens=n, num_params=num_params,
-                step_rollout_tokens_per_s=r * n / result["step_s"])
+                step_rollout_tokens_per_s=sampled_rows * n / result["step_s"])
   if args.pieces:
     pieces = time_step_pieces(run.setup, state, batch, args.steps, args.warmup)
     mu = cfg.grpo.num_iterations

@@ -26,6 +26,7 @@ from grpo_jax import evaluate as evaluate_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
+from grpo_jax import process_scoring
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
@@ -188,7 +189,7 @@ def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,
       ref_params=param_shardings if cfg.grpo.beta > 0 else None, key=replicated)
   settings = train_step_lib.StepSettings(
       grpo=cfg.grpo, grad_accum_steps=cfg.train.grad_accum_steps, sampling=sampling,
-      row_shards=mesh_lib.row_shards(mesh))
+      row_shards=mesh_lib.row_shards(mesh), kept_groups=cfg.data.prompts_per_step)
   eval_sampling = dataclasses.replace(sampling, max_new_tokens=cfg.eval.max_new_tokens,
                                       temperature=cfg.eval.temperature, stop_at_eos=True)
   return TrainSetup(
@@ -215,6 +216,12 @@ class Run:
   eval_scorer: scoring.Scorer  # evaluation's correctness reward, over eval_rows
   eval_reward: str  # its name
 
+  def prompt_stream(self) -> data_lib.PromptStream:
+    """The training rows' ids in batches of the prompts a step samples (B', see
+    Config.sampled_prompts_per_step), shuffled each epoch by train.seed."""
+    return data_lib.PromptStream(list(range(len(self.train_rows))),
+                                 self.cfg.sampled_prompts_per_step, self.cfg.train.seed)
+
   def batch(self, row_ids: Sequence[int]) -> train_step_lib.Batch:
     """The train step's batch of the training rows row_ids."""
     rows = [self.train_rows[i] for i in row_ids]
@@ -222,6 +229,17 @@ class Run:
     return train_step_lib.Batch(prompt_tokens=jnp.asarray(tokens, jnp.int32),
                                 prompt_mask=jnp.asarray(mask, jnp.int32),
                                 row_ids=jnp.asarray(row_ids, jnp.int32))
+
+
+def step_scorer(cfg: config_lib.Config, tokenizer, specs: rewards_lib.StepSpecs | None
+                ) -> process_scoring.StepScorer | None:
+  """The scorer of process supervision's step rewards `specs` (`step_rewards`); None under
+  outcome supervision (specs None)."""
+  if specs is None:
+    return None
+  return process_scoring.StepScorer(tokenizer, specs,
+                                    max_steps=cfg.grpo.max_steps_per_completion,
+                                    timeout_s=cfg.rewards_timeout_s)
 
 
 def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
@@ -233,13 +251,16 @@ def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
   """
   train_rows, eval_rows = load_rows(cfg)
   specs = rewards_lib.parse_spec(cfg.rewards)
+  step_specs = (rewards_lib.parse_step_spec(cfg.step_rewards)
+                if cfg.grpo.supervision == "process" else None)
   eval_reward = evaluate_lib.correctness_reward(cfg)
   eval_specs = ([s for s in specs if s.name == eval_reward]
                 or list(rewards_lib.parse_spec(eval_reward)))
   with jax.default_device(host_device()):
     tokenizer, model = load_model(cfg)
   scorer = scoring.Scorer(tokenizer, train_rows, specs, max_new_tokens=cfg.sampler.max_new_tokens,
-                          timeout_s=cfg.rewards_timeout_s)
+                          timeout_s=cfg.rewards_timeout_s,
+                          steps=step_scorer(cfg, tokenizer, step_specs))
   eval_scorer = scoring.Scorer(tokenizer, eval_rows, eval_specs,
                                max_new_tokens=cfg.eval.max_new_tokens,
                                timeout_s=cfg.rewards_timeout_s)

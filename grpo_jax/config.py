@@ -80,6 +80,8 @@ class GrpoCfg:
   importance_sampling_level: str = "token"  # token | sequence (GSPO)
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
+  oversample: float = 1.0  # dynamic sampling: sample round(B * oversample) prompts, keep B
+  top_entropy_quantile: float = 1.0  # policy loss on the top share of tokens by entropy; 1 = all
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
 
@@ -87,6 +89,12 @@ class GrpoCfg:
   def updates_per_step(self) -> int:
     """Optimizer updates per sampled batch: mu iterations x minibatches."""
     return self.num_iterations * self.minibatches_per_iteration
+
+  @property
+  def step_slots(self) -> int:
+    """S, the step slots of a completion the reward callback fills: 0 without process
+    supervision."""
+    return self.max_steps_per_completion if self.supervision == "process" else 0
 
   @property
   def needs_old_logps(self) -> bool:
@@ -175,6 +183,12 @@ class Config:
   mesh: MeshCfg = MeshCfg()
   sft: SftCfg = SftCfg()
   logging: LoggingCfg = LoggingCfg()
+
+  @property
+  def sampled_prompts_per_step(self) -> int:
+    """B', the prompts a step samples: round(B * grpo.oversample); dynamic sampling trains
+    on B of their groups."""
+    return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
 def _optional_base(hint: Any) -> Any:
@@ -306,6 +320,8 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.minibatches_per_iteration": (1, ""),
     "grpo.ref_reset_every": (0, "never"),
     "grpo.max_steps_per_completion": (1, ""),
+    "grpo.oversample": (1, "no over-sampling"),
+    "grpo.top_entropy_quantile": (0, "only the highest-entropy tokens"),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -363,6 +379,8 @@ def _validate(c: Config) -> None:
          "a non-empty increasing tuple of lengths >= 1")
   _check(0 < c.sampler.top_p <= 1, "sampler.top_p", c.sampler.top_p, "0 < top_p <= 1")
   _check(c.train.adam_b1 < 1, "train.adam_b1", c.train.adam_b1, "0 <= b1 < 1")
+  _check(c.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile",
+         c.grpo.top_entropy_quantile, "0 <= q <= 1 (1 = every token)")
   _check(c.train.adam_b2 < 1, "train.adam_b2", c.train.adam_b2, "0 <= b2 < 1")
   _check(c.rewards.strip() != "", "rewards", c.rewards,
          "a non-empty 'name:weight,name:weight' list")
@@ -370,6 +388,12 @@ def _validate(c: Config) -> None:
   _check(g.supervision != "process" or c.step_rewards.strip() != "", "step_rewards",
          c.step_rewards, "a non-empty 'name:weight,...' list when grpo.supervision="
          "'process', e.g. arithmetic_steps or countdown_steps")
+  _check(g.supervision == "process" or c.step_rewards.strip() == "", "step_rewards",
+         c.step_rewards, "'' unless grpo.supervision='process' (step rewards drive only "
+         "process supervision)")
+  _check(g.supervision != "process" or g.scale_rewards == "group", "grpo.scale_rewards",
+         g.scale_rewards, "'group' with grpo.supervision='process' (step rewards are "
+         "normalised over their group)")
   _check(g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta", g.delta,
          f"None or > 1 + epsilon_high = {1 + g.epsilon_high}")
   _check(c.data.prompts_per_step % g.minibatches_per_iteration == 0,
@@ -384,7 +408,8 @@ def _validate(c: Config) -> None:
 
 
 def _check_batch_layout(c: Config) -> None:
-  """Each micro-batch of B*G rows must split evenly over the data-parallel devices."""
+  """Each micro-batch of B*G rows, and the B'*G sampled rows, must split evenly over the
+  data-parallel devices."""
   data, fsdp, _ = c.mesh.shape
   rows = c.data.prompts_per_step * c.grpo.num_generations
   _check(rows % (data * fsdp) == 0, "data.prompts_per_step", c.data.prompts_per_step,
@@ -395,6 +420,10 @@ def _check_batch_layout(c: Config) -> None:
          c.train.grad_accum_steps,
          f"B*G = {rows} rows split into minibatches_per_iteration * grad_accum_steps = "
          f"{micro} micro-batches must stay divisible by data*fsdp = {data * fsdp}")
+  sampled = c.sampled_prompts_per_step * c.grpo.num_generations
+  _check(sampled % (data * fsdp) == 0, "grpo.oversample", c.grpo.oversample,
+         f"sampled prompts round(prompts_per_step * oversample) * grpo.num_generations = "
+         f"{sampled} must be divisible by the data-parallel size data*fsdp = {data * fsdp}")
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -44,8 +44,7 @@ class Trainer:
     self.state = self.setup.init_state(params)  # the host copy of params goes
     self.train_step = self.setup.train_step(self.parts.scorer, self.parts.scorer.names)
     self.sample_fn = self.setup.eval_sample_fn()
-    self.stream = data_lib.PromptStream(list(range(len(self.parts.train_rows))),
-                                        cfg.data.prompts_per_step, cfg.train.seed)
+    self.stream = self.parts.prompt_stream()
     self.ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep,
                                             async_save=cfg.checkpoint.async_save)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,

@@ -35,12 +35,19 @@ from tests.test_train import tiny_config, train_records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("train/loss", "train/grad_norm", "rl/reward_mean", "rl/reward_std", "rl/kl")
+STEP_COMPARED = ("rl/step_reward_mean", "rl/steps_per_completion", "rl/steps_truncated")
 NUM_STEPS = 12
 
 
 def digit_reward(prompts, completions, **unused):
   """Test reward: the share of digits in the completion (varies a lot within a group)."""
   return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def digit_steps(prompts, completions, **unused):
+  """Test step reward: each digit ends a step, worth 1 when even (varied, often truncated)."""
+  return [[(i + 1, float(int(ch) % 2 == 0)) for i, ch in enumerate(c) if ch.isdigit()]
+          for c in completions]
 
 
 # -- the command line in a subprocess --------------------------------------------------------
@@ -95,11 +102,13 @@ def wait_for_step(workdir, proc, step, timeout=240.0):
   raise TimeoutError(f"no train record at step {step} in {workdir}")
 
 
-def crash_config():
+def crash_config(supervision="outcome"):
+  process = {"grpo.supervision": "process", "step_rewards": "tests.test_reliability:digit_steps",
+             "grpo.max_steps_per_completion": 4} if supervision == "process" else {}
   return tiny_config(**{"rewards": "tests.test_reliability:digit_reward", "grpo.beta": 0.04,
                         "train.num_steps": NUM_STEPS, "train.lr_schedule": "constant",
                         "checkpoint.every_steps": 1, "checkpoint.async_save": True,
-                        "eval.num_prompts": 0})
+                        "eval.num_prompts": 0, **process})
 
 
 def checkpoint_steps(workdir):
@@ -113,16 +122,19 @@ def resumed_steps(output):
   return [int(s) for s in re.findall(r"resumed from \S*/checkpoints/(\d+)", output)]
 
 
-def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metrics(
+    tmp_path, supervision):
   """SIGTERM: exit 0 with a checkpoint at the finished step. Then two SIGKILLs at random
   moments after random steps, each restart resuming from the newest complete checkpoint.
   The end: the records of an uninterrupted run, each step once, with equal values."""
   straight, workdir = tmp_path / "straight", tmp_path / "interrupted"
-  proc = start_run(straight, crash_config())
+  cfg = lambda: crash_config(supervision)
+  proc = start_run(straight, cfg())
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
 
-  proc = start_run(workdir, crash_config())
+  proc = start_run(workdir, cfg())
   wait_for_step(workdir, proc, 1)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
@@ -137,12 +149,12 @@ def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metri
   for _ in range(2):
     # A step beyond every record so far, then a random moment after it.
     target = train_records(workdir)[-1]["step"] + rng.randint(1, 3)
-    proc = start_run(workdir, crash_config())
+    proc = start_run(workdir, cfg())
     wait_for_step(workdir, proc, target)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.kill()
     resumed += resumed_steps(proc.communicate(timeout=60)[0])
-  proc = start_run(workdir, crash_config())
+  proc = start_run(workdir, cfg())
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   resumed += resumed_steps(out)
@@ -154,8 +166,11 @@ def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metri
   assert steps_and_keys(workdir) == steps_and_keys(straight)
   records = train_records(workdir)
   assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+  compared = COMPARED + (STEP_COMPARED if supervision == "process" else ())
+  if supervision == "process":  # digits were found, so steps drove the updates
+    assert all(r["rl/steps_per_completion"] > 0 for r in records)
   for got, want in zip(records, train_records(straight)):
-    for key in COMPARED:
+    for key in compared:
       assert got[key] == want[key], (got["step"], key, got[key], want[key])
 
 

@@ -264,6 +264,17 @@ class Transformer(nnx.Module):
         h_btd, self.unembed(), targets_bt, temperature=temperature,
         soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
 
+  def token_logprobs_and_entropy(self, h_btd: jax.Array, targets_bt: jax.Array, *,
+                                 temperature: float = 1.0,
+                                 chunk_size: int = logprobs_lib.DEFAULT_CHUNK_SIZE
+                                 ) -> tuple[jax.Array, jax.Array]:
+    """token_logprobs, and the entropy [B, T] float32 (under stop_gradient) of
+    softmax(logits(h) / temperature) at each position, from the same logit chunks
+    (logprobs.chunked_token_logprobs_and_entropy)."""
+    return logprobs_lib.chunked_token_logprobs_and_entropy(
+        h_btd, self.unembed(), targets_bt, temperature=temperature,
+        soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
+
 
 def init(config: ModelConfig, *, seed: int = 0) -> Transformer:
   """A model with random weights: normal(0.02) matrices, unit norms, zero biases."""
