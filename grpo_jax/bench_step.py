@@ -237,7 +237,8 @@ def time_step_pieces(setup: builder.TrainSetup, state: train_step_lib.TrainState
   sampling = time_compiled(sample, (state.params, batch, key), {}, steps,
                            vary=lambda a, i: (*a[:2], jax.random.fold_in(key, i)), warmup=warmup)
   rollout = sample(state.params, batch, key)
-  logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef, settings=settings))
+  logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef, settings=settings,
+                                    layout=setup.layout))
   passes = int(settings.grpo.needs_old_logps) + int(settings.grpo.beta > 0)
   logps_s = 0.0
   if passes:
@@ -250,7 +251,7 @@ def time_step_pieces(setup: builder.TrainSetup, state: train_step_lib.TrainState
       zero_std=jnp.zeros((r // settings.grpo.num_generations,), bool))
   batches = train_step_lib.loss_batches(rollout, advs, old_logps, ref_logps, settings)
   update = jax.jit(functools.partial(train_step_lib.minibatch_update, graphdef, setup.tx,
-                                     settings=settings))
+                                     settings=settings, layout=setup.layout))
   minibatch = jax.tree.map(lambda x: x[0], batches)
   update_one = time_compiled(update, (state.params, state.opt_state, minibatch), {}, steps,
                              vary=lambda a, i: a, warmup=warmup)

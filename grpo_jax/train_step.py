@@ -258,13 +258,14 @@ def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoC
   return Advantages(advs=advs, loss_mask=loss_mask, kept=kept, zero_std=zero_std)
 
 
-def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings
-                    ) -> tuple[jax.Array | None, jax.Array | None]:
+def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings,
+                    layout: Layout | None = None) -> tuple[jax.Array | None, jax.Array | None]:
   """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
-  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0."""
+  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0. With a
+  layout the forward keeps each device's rows (Transformer.hidden's activation_sharding)."""
   logps = lambda params: jax.lax.stop_gradient(logps_lib.completion_logps(
       graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
-      rollout.mask, settings.sampling.logprob_temperature))
+      rollout.mask, settings.sampling.logprob_temperature, _rows(layout)))
   old = logps(state.params) if settings.grpo.needs_old_logps else None
   ref = logps(state.ref_params) if settings.grpo.beta > 0 else None
   return old, ref
@@ -290,8 +291,14 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
   return jax.tree.map(lambda x: x.reshape((m, a, -1) + x.shape[1:]), batch)
 
 
+def _rows(layout: Layout | None):
+  """The rows' sharding of a layout (None: no constraint)."""
+  return None if layout is None else layout.rows
+
+
 def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
-               minibatch_rows: jax.Array, *, graphdef, settings: StepSettings):
+               minibatch_rows: jax.Array, *, graphdef, settings: StepSettings,
+               layout: Layout | None = None):
   """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
   that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux).
 
@@ -303,7 +310,7 @@ def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
   g = settings.grpo
   logps, entropy = logps_lib.completion_logps_and_entropy(
       graphdef, params, micro.prompt_tokens, micro.prompt_mask, micro.tokens, micro.mask,
-      settings.sampling.logprob_temperature)
+      settings.sampling.logprob_temperature, _rows(layout))
   policy_mask = None
   if g.top_entropy_quantile < 1:
     policy_mask = loss_lib.high_entropy_mask(entropy, micro.loss_mask, g.top_entropy_quantile)
@@ -318,12 +325,12 @@ def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
 
 
 def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
-                     minibatch: LossBatch, settings: StepSettings):
+                     minibatch: LossBatch, settings: StepSettings, layout: Layout | None = None):
   """One optimizer update from a minibatch of A micro-batches [A, ...], whose gradients are
   accumulated (summed: their losses share the minibatch's normalisers).
   Returns (params, opt_state, {"loss", "grad_norm", and grpo_loss's aux averaged})."""
-  grad_fn = jax.value_and_grad(functools.partial(micro_loss, graphdef=graphdef, settings=settings),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(micro_loss, graphdef=graphdef, settings=settings,
+                                                 layout=layout), has_aux=True)
   tokens = minibatch.loss_mask.sum().astype(jnp.float32)
   rows = minibatch.kept.sum()
   a = settings.grad_accum_steps
@@ -346,14 +353,15 @@ def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_sta
 
 
 def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batches: LossBatch,
-           settings: StepSettings):
+           settings: StepSettings, layout: Layout | None = None):
   """mu iterations over the M minibatches of `batches` [M, A, ...], one optimizer update each.
   Returns (params, opt_state, metrics stacked over the mu x M updates)."""
   m = settings.grpo.minibatches_per_iteration
 
   def one(carry, idx):
     minibatch = jax.tree.map(lambda x: x[idx % m], batches)
-    params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings)
+    params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings,
+                                                  layout)
     return (params, opt_state), metrics
 
   indices = jnp.arange(settings.grpo.updates_per_step, dtype=jnp.int32)
@@ -450,10 +458,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
                   settings.grpo.step_slots)
   selection = select_groups(batch, rollout, rewards, settings, layout)
   advs = advantage(selection.rewards, selection.rollout, settings.grpo)
-  old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings)
+  old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings, layout)
   batches = loss_batches(selection.rollout, advs, old_logps, ref_logps, settings)
   params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
-                                             batches, settings)
+                                             batches, settings, layout)
   step = state.step + 1
   ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
   learning_rate = lr_schedule(step * settings.grpo.updates_per_step)

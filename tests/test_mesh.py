@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import advantages
 from grpo_jax import builder
+from grpo_jax import completion_logps
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import loss
@@ -243,3 +244,30 @@ def test_dynamic_sampling_gathers_groups_across_shards_and_lays_them_out_again()
   assert sharded.rollout.tokens.addressable_shards[0].data.shape == (kept * g // 8, 5)
   jax.tree.map(np.testing.assert_array_equal, sharded, single)
   assert 0 < int(single.with_signal.sum()) < sampled  # some groups moved, some did not
+
+
+def test_log_prob_forward_splits_the_rows_not_the_model_width():
+  """Under FSDP each device runs the log-prob forward on its own rows: MLP activations of
+  [rows / 8 * tokens, F]. Left to follow the embedding table's layout (model width over
+  fsdp), every device computed all rows' [rows * tokens, F] as partial sums (the ~9 GiB of
+  the 1.5B TPU step)."""
+  (graphdef, params), _ = demo_params()
+  d, f = (getattr(nnx.merge(graphdef, params).config, k) for k in ("hidden_size",
+                                                                    "intermediate_size"))
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  shardings = mesh_lib.param_shardings(params, mesh)
+  rows = mesh_lib.batch_sharding(mesh)
+  r, t, n = 48, 4, 5
+  prompts, completions = jnp.ones((r, t), jnp.int32), jnp.ones((r, n), jnp.int32)
+
+  def mlp_rows(row_sharding):
+    logps = functools.partial(completion_logps.completion_logps, graphdef, temperature=1.0,
+                              row_sharding=row_sharding)
+    hlo = jax.jit(logps).lower(
+        jax.device_put(params, shardings), *jax.device_put((prompts, prompts, completions,
+                                                            completions), rows)
+    ).compile().as_text()
+    return {int(m) for m in re.findall(rf"\w+\[(\d+),{f}\]", hlo)} - {d}  # d: the weights
+
+  assert max(mlp_rows(rows)) == r // 8 * max(t, n - 1)
+  assert r * (n - 1) in mlp_rows(None)

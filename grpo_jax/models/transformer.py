@@ -208,7 +208,8 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
              cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-             remat: bool | None = None) -> tuple[jax.Array, KVCache | None]:
+             remat: bool | None = None,
+             activation_sharding=None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
     Token t of these T occupies slot cache_index + t and attends to the valid slots at or
@@ -218,12 +219,18 @@ class Transformer(nnx.Module):
     remat: rematerialise each block in the backward pass; None means config.remat without a
     cache and no remat with one (decoding has no backward pass, and nnx.remat cannot run
     inside the sampler's while_loop).
+    activation_sharding: the sharding of the [B, T, D] activations (rows over the batch axes),
+    kept after the embedding and every block. Without it, under FSDP the activations follow
+    the embedding table's layout (model width over fsdp), and every device computes every
+    row's MLP as partial sums ([B * T, F] per device instead of [B * T / devices, F]).
     """
+    constrain = (lambda y: y) if activation_sharding is None else (
+        lambda y: jax.lax.with_sharding_constraint(y, activation_sharding))
     config = self.config
     x = jnp.take(self.embed[...], tokens, axis=0, mode="clip")  # [B, T, D]
     if config.is_gemma:  # sqrt(D) in the parameter dtype, as transformers rounds it
       x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
-    x = x.astype(config.compute_dtype)
+    x = constrain(x.astype(config.compute_dtype))
     rope = {FULL: rope_angles(config, positions)}
     rope[SLIDING] = rope[FULL] if config.rope_local_theta is None else rope_angles(
         config, positions, local=True)
@@ -240,6 +247,7 @@ class Transformer(nnx.Module):
     for layer, block in enumerate(self.layers):
       kind = config.layer_type(layer)
       x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind])
+      x = constrain(x)
     return self.final_norm(x), cache
 
   def unembed(self) -> jax.Array:
