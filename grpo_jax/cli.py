@@ -7,8 +7,7 @@ Flags are defined only when a module runs as the program (`define_flags()` under
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
-import importlib.util
+import glob
 import os
 import platform
 import re
@@ -78,15 +77,37 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 TUNE_MALLOC_ENV = "GRPO_JAX_TUNE_MALLOC"
 
 
+# Attached accelerators, as the kernel shows them: Google's PCI vendor id with the device id
+# of a TPU chip (v2/v3, v4, v5p, v5e, v6e, TPU7x); the NVIDIA driver's device nodes; AMD's KFD.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
+_GPU_DEVICE_FILES = ("dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/kfd")
+
+
+def _has_accelerator(root: str = "/") -> bool:
+  """Whether a TPU chip or a GPU is attached (read from /sys and /dev; starts no backend)."""
+  if any(os.path.exists(os.path.join(root, f)) for f in _GPU_DEVICE_FILES):
+    return True
+  for device in glob.glob(os.path.join(root, "sys/bus/pci/devices/*")):
+    try:
+      with open(os.path.join(device, "vendor")) as v, open(os.path.join(device, "device")) as d:
+        if v.read().strip() == _GOOGLE_PCI_VENDOR and d.read().strip() in _TPU_PCI_DEVICES:
+          return True
+    except OSError:
+      continue
+  return False
+
+
 def _jax_is_cpu_only() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin and no
-  libtpu is installed. Decided without starting a JAX backend."""
+  """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator is attached.
+
+  Decided from the hardware, not from the installed packages: libtpu and the CUDA plugin
+  (the aot extra) compile for accelerators on CPU-only hosts.
+  """
   platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
   if platforms:
     return platforms == "cpu"
-  plugins = list(importlib.metadata.entry_points(group="jax_plugins"))
-  return not plugins and not any(
-      importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
+  return not _has_accelerator()
 
 
 def tune_host_malloc() -> bool:

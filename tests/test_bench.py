@@ -183,3 +183,19 @@ def test_tuned_malloc_reuses_xla_temporaries_instead_of_faulting_them_in(monkeyp
   assert per_call < per_call_untuned / 20, (per_call, per_call_untuned)
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
   assert not cli.tune_host_malloc()  # accelerators keep their temporaries on the device
+
+
+def test_accelerators_are_found_from_the_hardware_not_the_installed_plugins(tmp_path):
+  # A CPU-only host with libtpu and the CUDA plugin installed (the aot extra) is a CPU host;
+  # a Google virtual NIC (device 0x0042) is not a TPU.
+  nic = tmp_path / "sys/bus/pci/devices/0000:00:04.0"
+  nic.mkdir(parents=True)
+  (nic / "vendor").write_text("0x1ae0\n")
+  (nic / "device").write_text("0x0042\n")
+  assert not cli._has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0063\n")  # a TPU v5e chip
+  assert cli._has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0042\n")
+  (tmp_path / "dev").mkdir()
+  (tmp_path / "dev/nvidia0").write_text("")
+  assert cli._has_accelerator(str(tmp_path))
