@@ -78,15 +78,17 @@ TUNE_MALLOC_ENV = "GRPO_JAX_TUNE_MALLOC"
 
 
 # Attached accelerators, as the kernel shows them: Google's PCI vendor id with the device id
-# of a TPU chip (v2/v3, v4, v5p, v5e, v6e, TPU7x); the NVIDIA driver's device nodes; AMD's KFD.
+# of a TPU chip (v2/v3, v4, v5p, v5e, v6e, TPU7x); the device nodes of TPU drivers (accel,
+# vfio), of NVIDIA's driver (and WSL's) and of AMD's KFD.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
-_GPU_DEVICE_FILES = ("dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/kfd")
+_DEVICE_FILES = ("dev/accel[0-9]*", "dev/vfio/[0-9]*", "dev/nvidia[0-9]*", "dev/nvidiactl",
+                 "dev/dxg", "dev/kfd")
 
 
 def _has_accelerator(root: str = "/") -> bool:
   """Whether a TPU chip or a GPU is attached (read from /sys and /dev; starts no backend)."""
-  if any(os.path.exists(os.path.join(root, f)) for f in _GPU_DEVICE_FILES):
+  if any(glob.glob(os.path.join(root, pattern)) for pattern in _DEVICE_FILES):
     return True
   for device in glob.glob(os.path.join(root, "sys/bus/pci/devices/*")):
     try:
@@ -108,6 +110,21 @@ def _jax_is_cpu_only() -> bool:
   if platforms:
     return platforms == "cpu"
   return not _has_accelerator()
+
+
+def default_to_cpu() -> bool:
+  """Runs JAX on the CPU where no accelerator is attached and JAX_PLATFORMS is unset.
+
+  JAX would otherwise start every accelerator package installed (libtpu and the CUDA plugin,
+  which the aot extra brings for compiling ahead of time) and print their failures to find a
+  device. Returns whether it chose the CPU; call it before JAX starts a backend.
+  """
+  if os.environ.get("JAX_PLATFORMS", "").strip() or _has_accelerator():
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_platforms", "cpu")
+  return True
 
 
 def tune_host_malloc() -> bool:
@@ -137,8 +154,10 @@ def tune_host_malloc() -> bool:
 def run_main(main: Callable[[list[str]], None]) -> None:
   """app.run with our flag parsing; library INFO logs (Orbax's) are hidden unless --debug.
 
-  Host malloc is tuned first (tune_host_malloc), before JAX starts its threads.
+  First, before JAX starts a backend or its threads: the CPU where no accelerator is
+  attached (default_to_cpu), and host malloc tuned (tune_host_malloc).
   """
+  default_to_cpu()
   tune_host_malloc()
 
   def quiet_main(argv):
