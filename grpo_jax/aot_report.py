@@ -296,3 +296,26 @@ def error_line(s: aot_targets.Slice, hbm_bytes: int, headroom: float,
             f"chip has {_gib(hbm_bytes)} of HBM, {_gib((1 - headroom) * hbm_bytes)} with "
             f"--headroom={headroom:g}{largest}")
   return None
+
+
+def format_report(out: dict[str, Any]) -> str:
+  """The --out JSON as a table for the terminal (bytes in GiB, per chip)."""
+  gib = lambda n: f"{n / aot_targets.GIB:.2f}" if n is not None else "-"
+  lines = [f"{out['topology']}: {out['chips']} chips, {gib(out['hbm_bytes'])} GiB of HBM per "
+           f"chip usable, headroom {out['headroom']:.0%} (compiler estimates)",
+           f"{'program':<12} {'peak':>7} {'args':>7} {'temp':>7} {'out':>7} {'free':>6} "
+           f"{'fits':>5} {'compile s':>9} {'TFLOP':>8} {'GB read':>8}"]
+  for name, p in out["programs"].items():
+    flops = f"{p['flops'] / 1e12:.3f}" if p["flops"] is not None else "-"
+    read = f"{p['bytes_accessed'] / 1e9:.1f}" if p["bytes_accessed"] is not None else "-"
+    lines.append(f"{name:<12} {gib(p['peak_bytes']):>7} {gib(p.get('argument_bytes')):>7} "
+                 f"{gib(p.get('temp_bytes')):>7} {gib(p.get('output_bytes')):>7} "
+                 f"{p['free_fraction']:>6.0%} {'yes' if p['fits'] else 'NO':>5} "
+                 f"{p['compile_s']:>9.1f} {flops:>8} {read:>8}")
+  roof = out.get("roofline")
+  if roof:
+    lines.append(f"one step (roofline estimate): {roof['step_s']:.3g} s, "
+                 f"{roof['tokens_per_s_per_chip']:.4g} generated tokens/s per chip; a decode "
+                 f"step reads {roof['decode_bytes_per_token'] / 1e9:.3g} GB per chip, at least "
+                 f"{roof['decode_min_bytes_per_token'] / 1e9:.3g} GB")
+  return "\n".join(lines)

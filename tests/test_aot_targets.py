@@ -141,7 +141,7 @@ def _programs():
   small = aot_report.Memory(argument_bytes=2 * GIB, output_bytes=2 * GIB, alias_bytes=2 * GIB,
                             temp_bytes=5 * GIB, code_bytes=1 << 20, peak_bytes=6 * GIB)
   return [
-      aot_report.Program("init", 1.5, 3 * GIB, memory=small, flops=None, bytes_accessed=1e9),
+      aot_report.Program("init", 1.5, 6 * GIB, memory=small, flops=None, bytes_accessed=1e9),
       aot_report.Program("train_step", 420.0, 15 * GIB, memory=dataclasses.replace(
           small, peak_bytes=15 * GIB), flops=5.7e12, bytes_accessed=1.5e11,
           contributors=(("3 x bf16[196352,4864] from jit(train_step)/dot_general", 5 * GIB),)),
@@ -162,6 +162,10 @@ def test_report_has_the_keys_design_md_fixes():
   assert out["fits"] is False
   assert {"step_s", "tokens_per_s_per_chip", "decode_bytes_per_token",
           "decode_min_bytes_per_token"} <= set(out["roofline"])
+  table = aot_report.format_report(out).splitlines()
+  assert len(table) == 2 + 2 + 1  # title, header, one row per program, the roofline
+  assert re.match(r"train_step +15\.00 +2\.00 +5\.00 +2\.00 +5% +NO +420\.0 +5\.700 +150\.0$",
+                  table[3]), table[3]
 
 
 def test_error_line_names_the_program_its_bytes_the_hbm_and_the_largest_buffers():
