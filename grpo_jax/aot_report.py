@@ -29,8 +29,8 @@ _UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 class Memory:
   """Per-chip bytes of one compiled program.
 
-  peak_bytes is the compiler's peak_memory_in_bytes where it reports one (TPU), else
-  arguments + outputs - aliased + temporaries + code (an upper bound).
+  peak_bytes is the compiler's peak_memory_in_bytes (libtpu and the CUDA plugin report one),
+  else arguments + outputs - aliased + temporaries + code (an upper bound).
   """
 
   argument_bytes: int
@@ -84,23 +84,14 @@ def compiled_program(name: str, compiled: Any, compile_s: float,
                  contributors=tuple(contributors))
 
 
-_OOM_PATTERNS = (
-    # libtpu: "... required for HLO temporaries (27.00G) exceeds available HBM (15.75G)."
-    re.compile(r"required for [^(]*\(([\d.]+)([BKMGT])\) exceeds available HBM"),
-    # libtpu: "Ran out of memory in memory space hbm. Used 17.37G of 15.48G hbm."
-    re.compile(r"Used ([\d.]+)([BKMGT]) of [\d.]+[BKMGT] hbm"),
-)
+# libtpu 0.0.42.1: "... required for HLO temporaries (27.00G) exceeds available HBM (15.75G)."
+_OOM = re.compile(r"required for [^(]*\(([\d.]+)([BKMGT])\) exceeds available HBM")
 
 
 def needed_bytes_from_error(message: str) -> int | None:
   """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (None: not one)."""
-  if "RESOURCE_EXHAUSTED" not in message:
-    return None
-  for pattern in _OOM_PATTERNS:
-    found = pattern.search(message)
-    if found:
-      return int(float(found.group(1)) * _UNITS[found.group(2)])
-  return None
+  found = _OOM.search(message) if "RESOURCE_EXHAUSTED" in message else None
+  return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
 
 
 def fits(peak_bytes: int, hbm_bytes: int, headroom: float) -> bool:
