@@ -292,7 +292,8 @@ def error_line(s: aot_targets.Slice, hbm_bytes: int, headroom: float,
 def format_report(out: dict[str, Any]) -> str:
   """The --out JSON as a table for the terminal (bytes in GiB, per chip)."""
   gib = lambda n: f"{n / aot_targets.GIB:.2f}" if n is not None else "-"
-  lines = [f"{out['topology']}: {out['chips']} chips, {gib(out['hbm_bytes'])} GiB of HBM per "
+  chips = f"{out['chips']} chip" + ("s" if out["chips"] > 1 else "")
+  lines = [f"{out['topology']}: {chips}, {gib(out['hbm_bytes'])} GiB of HBM per "
            f"chip usable, headroom {out['headroom']:.0%} (compiler estimates)",
            f"{'program':<12} {'peak':>7} {'args':>7} {'temp':>7} {'out':>7} {'free':>6} "
            f"{'fits':>5} {'compile s':>9} {'TFLOP':>8} {'GB read':>8}"]
@@ -309,4 +310,9 @@ def format_report(out: dict[str, Any]) -> str:
                  f"{roof['tokens_per_s_per_chip']:.4g} generated tokens/s per chip; a decode "
                  f"step reads {roof['decode_bytes_per_token'] / 1e9:.3g} GB per chip, at least "
                  f"{roof['decode_min_bytes_per_token'] / 1e9:.3g} GB")
+    lines.append("  " + "; ".join(
+        f"{name} {row['count']} x {row['s'] / row['count'] * 1e3:.3g} ms "
+        f"({'memory' if row['memory_s'] >= row['compute_s'] else 'compute'} bound)"
+        for name, row in roof["phases"].items()))
+  lines += [f"note: {note}" for note in out.get("notes", ())]
   return "\n".join(lines)

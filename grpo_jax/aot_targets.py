@@ -18,9 +18,13 @@ Chip figures (per chip; peak FLOP/s dense, without sparsity):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Mapping, MutableMapping
+import re
+import sys
+import tempfile
+from typing import Iterator, Mapping, MutableMapping
 
 from grpo_jax.errors import UserError
 
@@ -172,12 +176,43 @@ def compile_devices(s: Slice) -> list:
   """The compile-only devices of slice `s` (needs libtpu, or jax-cuda12-plugin for GPU)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
+  import jax  # pylint: disable=g-import-not-at-top
+
   package = "jax-cuda12-plugin" if s.platform == "cuda" else "libtpu"
   try:
-    devices = topologies.get_topology_desc(**s.topology_kwargs()).devices
+    with startup_noise_hidden():
+      jax.devices()  # JAX's own backend and its plugins start here
+      devices = topologies.get_topology_desc(**s.topology_kwargs()).devices
   except (RuntimeError, NotImplementedError) as e:
     raise UserError(f"--topology={s.name} needs {package} (pip install -e \".[aot]\"): "
                     f"{' '.join(str(e).split())}") from None
   if len(devices) != s.chips:
     raise RuntimeError(f"{s.name}: the compiler made {len(devices)} devices, not {s.chips}")
   return list(devices)
+
+
+# What the accelerator plugins print while starting on a host without their hardware (the CUDA
+# plugin's "Could not find cuda drivers", absl's notice before it): nothing the user can act on.
+_STARTUP_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+                            r"|I\d{4} .*cudart_stub\.cc:\d+\] Could not find cuda drivers)")
+
+
+@contextlib.contextmanager
+def startup_noise_hidden() -> Iterator[None]:
+  """Runs the body with file descriptor 2 (where C++ libraries log) caught, then writes what
+  it caught back to stderr but for _STARTUP_NOISE."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      caught.seek(0)
+      kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+              if not _STARTUP_NOISE.match(line)]
+      sys.stderr.write("".join(kept))
+      sys.stderr.flush()

@@ -116,12 +116,13 @@ def load_rows(cfg: config_lib.Config) -> tuple[list[dict[str, Any]], list[dict[s
 def sampling_settings(cfg: config_lib.Config, tokenizer,
                       model_config: models.ModelConfig) -> sampler_lib.SamplingSettings:
   """The training rollout's sampling: the `sampler` section, the model's and the tokenizer's
-  EOS ids, the tokenizer's pad id."""
+  EOS ids, the tokenizer's pad id (tokenizer None, for a compile-only check: the model's)."""
   eos = set(model_config.eos_token_ids or ())
-  if tokenizer.eos_token_id is not None:
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
     eos.add(int(tokenizer.eos_token_id))
+  pad = data_lib.pad_id(tokenizer) if tokenizer is not None else model_config.pad_token_id
   return sampler_lib.SamplingSettings.from_config(
-      cfg.sampler, eos_token_ids=tuple(sorted(eos)), pad_token_id=data_lib.pad_id(tokenizer))
+      cfg.sampler, eos_token_ids=tuple(sorted(eos)), pad_token_id=pad or 0)
 
 
 # -- what needs no weights and no data ----------------------------------------------------------

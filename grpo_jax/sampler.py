@@ -156,6 +156,45 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 1
   return tokens_b, logprobs_b
 
 
+def _eos_ids(settings: SamplingSettings) -> jax.Array:
+  return jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
+
+
+def _next_tokens(logits_bv: jax.Array, key: jax.Array, step, done_b: jax.Array,
+                 settings: SamplingSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(tokens [B], their log-probs [B], done [B]) of decode step `step`: pad and log-prob 0 for
+  the rows already done."""
+  tokens_b, logprobs_b = sample_token(
+      logits_bv, jax.random.fold_in(key, step), temperature=settings.temperature,
+      top_k=settings.top_k, top_p=settings.top_p)
+  tokens_b = jnp.where(done_b, settings.pad_token_id, tokens_b)
+  logprobs_b = jnp.where(done_b, 0.0, logprobs_b)
+  if settings.stop_at_eos:
+    done_b = done_b | jnp.isin(tokens_b, _eos_ids(settings))
+  return tokens_b, logprobs_b, done_b
+
+
+def decode_step(model: models.Transformer, s: DecodeState, settings: SamplingSettings,
+                prompt_len: int) -> DecodeState:
+  """One iteration of the decode loop: the token after tokens[:, step - 1] for every row, its
+  keys and values written to cache slot prompt_len + step - 1 (T = prompt_len)."""
+  last_b1 = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
+  h_b1d, cache = model.hidden(last_b1, positions=s.positions[:, None],
+                              attention_mask=jnp.ones_like(last_b1), cache=s.cache,
+                              cache_index=prompt_len + s.step - 1)
+  tokens_b, logprobs_b, done_b = _next_tokens(model.logits(h_b1d)[:, 0], s.key, s.step, s.done,
+                                              settings)
+  return DecodeState(
+      step=s.step + 1,
+      tokens=s.tokens.at[:, s.step].set(tokens_b),
+      logprobs=s.logprobs.at[:, s.step].set(logprobs_b),
+      done=done_b,
+      cache=cache,
+      key=s.key,
+      positions=s.positions + 1,
+  )
+
+
 def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                   key: jax.Array, settings: SamplingSettings,
                   samples_per_prompt: int = 1) -> SamplerOutput:
@@ -170,17 +209,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
   n = settings.max_new_tokens
   per_row = lambda x: jnp.repeat(x, samples_per_prompt, axis=0)  # [P, ...] -> [B, ...]
   prompt_mask = prompt_mask.astype(jnp.int32)
-  eos_ids = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
-
-  def sample(logits_bv, key, step, done_b):
-    tokens_b, logprobs_b = sample_token(
-        logits_bv, jax.random.fold_in(key, step), temperature=settings.temperature,
-        top_k=settings.top_k, top_p=settings.top_p)
-    tokens_b = jnp.where(done_b, settings.pad_token_id, tokens_b)
-    logprobs_b = jnp.where(done_b, 0.0, logprobs_b)
-    if settings.stop_at_eos:
-      done_b = done_b | jnp.isin(tokens_b, eos_ids)
-    return tokens_b, logprobs_b, done_b
+  eos_ids = _eos_ids(settings)
 
   # Prefill: one forward over the prompts into a cache of T slots, which then grows to the
   # B rows and T + N slots of decoding; the last column is every prompt's last token.
@@ -189,7 +218,8 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
                               attention_mask=prompt_mask, cache=prompt_cache, cache_index=0)
   cache = models.expand_cache(cache, samples_per_prompt, t + n)
   logits_bv = per_row(model.logits(h_ptd[:, -1:])[:, 0])
-  first_b, first_lp_b, done_b = sample(logits_bv, key, 0, jnp.zeros((b,), bool))
+  first_b, first_lp_b, done_b = _next_tokens(logits_bv, key, 0, jnp.zeros((b,), bool),
+                                             settings)
   state = DecodeState(
       step=jnp.array(1, jnp.int32),
       tokens=jnp.full((b, n), settings.pad_token_id, jnp.int32).at[:, 0].set(first_b),
@@ -203,23 +233,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
   def cond(s: DecodeState):
     return (s.step < n) & ~jnp.all(s.done)
 
-  def body(s: DecodeState) -> DecodeState:
-    last_b1 = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
-    h_b1d, cache = model.hidden(last_b1, positions=s.positions[:, None],
-                                attention_mask=jnp.ones_like(last_b1), cache=s.cache,
-                                cache_index=t + s.step - 1)
-    tokens_b, logprobs_b, done_b = sample(model.logits(h_b1d)[:, 0], s.key, s.step, s.done)
-    return DecodeState(
-        step=s.step + 1,
-        tokens=s.tokens.at[:, s.step].set(tokens_b),
-        logprobs=s.logprobs.at[:, s.step].set(logprobs_b),
-        done=done_b,
-        cache=cache,
-        key=s.key,
-        positions=s.positions + 1,
-    )
-
-  state = jax.lax.while_loop(cond, body, state)
+  state = jax.lax.while_loop(cond, lambda s: decode_step(model, s, settings, t), state)
   if settings.stop_at_eos:
     is_eos_bn = jnp.isin(state.tokens, eos_ids).astype(jnp.int32)
     mask_bn = (jnp.cumsum(is_eos_bn, axis=-1) - is_eos_bn == 0).astype(jnp.int32)

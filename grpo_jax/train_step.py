@@ -183,7 +183,9 @@ def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array, rollout: Ro
           step_slots: int = 0) -> scoring.Rewards:
   """The rewards of the R completions from the host callback `reward_fn` (scoring.Scorer's
   contract), reached from inside the compiled step; F = num_rewards reward functions, and
-  S = step_slots steps a completion under process supervision (0: none)."""
+  S = step_slots steps a completion under process supervision (0: none). A reward_fn whose
+  `traceable` attribute is true is written in jnp and traced into the step instead (the
+  compile-only stand-in of grpo_jax.aot, for targets that cannot lower host callbacks)."""
   r = rollout.tokens.shape[0]
   shape = jax.ShapeDtypeStruct
   shapes = scoring.Rewards(total=shape((r,), jnp.float32),
@@ -193,6 +195,8 @@ def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array, rollout: Ro
     shapes = shapes.replace(step_rewards=shape((r, step_slots), jnp.float32),
                             step_ends=shape((r, step_slots), jnp.int32),
                             steps_truncated=shape((r,), jnp.int32))
+  if getattr(reward_fn, "traceable", False):
+    return reward_fn(row_ids, rollout.tokens, rollout.mask)
   return io_callback(reward_fn, shapes, row_ids, rollout.tokens, rollout.mask, ordered=False)
 
 

@@ -160,7 +160,8 @@ def test_report_has_the_keys_design_md_fixes():
   assert {"step_s", "tokens_per_s_per_chip", "decode_bytes_per_token",
           "decode_min_bytes_per_token"} <= set(out["roofline"])
   table = aot_report.format_report(out).splitlines()
-  assert len(table) == 2 + 2 + 1  # title, header, one row per program, the roofline
+  assert len(table) == 2 + 2 + 2  # title, header, one row per program, the roofline, its phases
+  assert table[-1] == "  decode 10 x 2.44 ms (memory bound)", table[-1]
   assert re.match(r"train_step +15\.00 +2\.00 +5\.00 +2\.00 +5% +NO +420\.0 +5\.700 +150\.0$",
                   table[3]), table[3]
 

@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from grpo_jax import models
+from grpo_jax.models import published as published_lib
 from grpo_jax.errors import UserError
 from tests import tiny_hf
 
@@ -240,20 +241,20 @@ def test_token_logprobs_apply_the_final_cap_in_chunks(checkpoints):
 
 
 def test_published_configs_read_as_transformers_reads_them():
-  """Published config.json files (tests/data, sources there) give the ModelConfig that
+  """Published config.json files (grpo_jax/models/published_configs.json, sources there) give the ModelConfig that
   transformers' own reading of them gives once written out in full (its defaults, its layer
   types): Gemma 2 / 3, an image-text Gemma 3, Qwen2.5-Math, an R1 distill, Mistral."""
-  published = json.loads((pathlib.Path(__file__).parent / "data" / "published_configs.json").read_text())
-  published.pop("_sources")
+  published = published_lib.configs()
   for name, hf in published.items():
     ours = models.ModelConfig.from_hf(hf)
     theirs = transformers.AutoConfig.for_model(**hf)
     assert ours == models.ModelConfig.from_hf(theirs.to_dict()), name
     text = theirs.get_text_config()  # Mistral has no layer_types: it slides on every layer
     types = getattr(text, "layer_types", None) or ["sliding_attention"] * text.num_hidden_layers
-    sliding = "sliding_attention" in types and text.sliding_window is not None
+    window = getattr(text, "sliding_window", None)  # Llama has none
+    sliding = "sliding_attention" in types and window is not None
     assert ours.layer_types == (tuple(types) if sliding else ()), name
-    assert ours.sliding_window == (text.sliding_window if sliding else None), name
+    assert ours.sliding_window == (window if sliding else None), name
   gemma3_4b = models.ModelConfig.from_hf(published["gemma-3-4b-it"])
   assert gemma3_4b.layer_types.count("full_attention") == 5 and gemma3_4b.eos_token_ids == (1, 106)
   assert models.ModelConfig.from_hf(published["Qwen2.5-Math-1.5B"]).layer_types == ()

@@ -116,7 +116,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
   raise UserError(f"no {_SINGLE_FILE} or {_INDEX_FILE} in {path}; only safetensors weights are read")
 
 
-def _read_hf_config(path: pathlib.Path) -> dict[str, Any]:
+def read_hf_config(path: pathlib.Path) -> dict[str, Any]:
   """config.json, with eos/bos/pad ids completed from generation_config.json when present."""
   config_file = path / "config.json"
   if not config_file.is_file():
@@ -145,7 +145,7 @@ def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *, param_d
   """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
   dtype, attention by the implementation `attention` (models/attention.py)."""
   path = pathlib.Path(path)
-  config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
+  config = ModelConfig.from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
                                remat=remat, attention=attention)
   files = _by_causal_lm_name(_tensor_files(path))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
