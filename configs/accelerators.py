@@ -27,25 +27,25 @@ import ml_collections
 from configs import hf
 from grpo_jax.errors import UserError
 
-SIZES = ("1.5b", "7b")
+DEFAULT_SIZE = "1.5b"
 
 
-def split_size(arg: str | None) -> tuple[str, str]:
-  """("1.5b" | "7b", the k=v items for hf.parse_arg) from "[size,]k=v,k=v"."""
+def split_size(arg: str | None, sizes: tuple[str, ...]) -> tuple[str, str]:
+  """(one of sizes, default 1.5b; the k=v items for hf.parse_arg) from "[size,]k=v,k=v"."""
   items = [item.strip() for item in (arg or "").split(",") if item.strip()]
-  sizes = [item for item in items if "=" not in item]
-  if len(sizes) > 1 or (sizes and sizes[0] not in SIZES):
-    raise UserError(f"config argument {','.join(sizes)!r} is not allowed: at most one model "
-                    f"size ({' | '.join(SIZES)}) before model=DIR,data=FILE.jsonl")
-  return (sizes[0] if sizes else SIZES[0]), ",".join(i for i in items if "=" in i)
+  named = [item for item in items if "=" not in item]
+  if len(named) > 1 or (named and named[0] not in sizes):
+    raise UserError(f"config argument {','.join(named)!r} is not allowed: at most one model "
+                    f"size ({' | '.join(sizes)}) before model=DIR,data=FILE.jsonl")
+  return (named[0] if named else DEFAULT_SIZE), ",".join(i for i in items if "=" in i)
 
 
 def make_config(arg: str | None, *, prompts_per_step: int,
                 mesh_shape: dict[str, tuple[int, int, int]],
                 grad_accum_steps: dict[str, int]) -> tuple[str, ml_collections.ConfigDict]:
-  """(size, configs/hf.py's config with the sequence lengths of the arithmetic above, B and
-  the size's mesh.shape and gradient accumulation)."""
-  size, rest = split_size(arg)
+  """(size, configs/hf.py's config with the sequence lengths above, B and the size's
+  mesh.shape and gradient accumulation); the sizes are mesh_shape's keys."""
+  size, rest = split_size(arg, tuple(mesh_shape))
   cfg = hf.get_config(rest)
   cfg.data.prompts_per_step = prompts_per_step  # B
   cfg.data.max_prompt_len = 256  # T
@@ -58,5 +58,6 @@ def make_config(arg: str | None, *, prompts_per_step: int,
 
 # Both TPU generations: B * G = 256 rows per step; 1.5b: FSDP over every chip; 7b: FSDP
 # across chips and heads / MLP / vocab over 4.
-TPU = dict(prompts_per_step=32, mesh_shape={"1.5b": (1, -1, 1), "7b": (1, -1, 4)},
-           grad_accum_steps={"1.5b": 4, "7b": 8})
+TPU = dict(prompts_per_step=32,
+           mesh_shape={"0.5b": (1, -1, 1), "1.5b": (1, -1, 1), "7b": (1, -1, 4)},
+           grad_accum_steps={"0.5b": 4, "1.5b": 4, "7b": 8})

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from configs import gpu, tpu_v4, tpu_v5e
+from configs import gpu, tpu_v4, tpu_v5e, tpu_v6e
 from grpo_jax import config as config_lib
 from grpo_jax.errors import UserError
 
@@ -27,10 +27,13 @@ PROCESS_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
     (tpu_v4, "7b", 8, (1, 2, 4)),  # v4-16
     (tpu_v4, "7b", 16, (1, 4, 4)),  # v4-32
     (tpu_v4, "7b", 64, (1, 16, 4)),
+    (tpu_v5e, "0.5b", 4, (1, 4, 1)),  # v5litepod-4
     (tpu_v5e, "1.5b", 8, (1, 8, 1)),  # v5litepod-8
     (tpu_v5e, "1.5b", 16, (1, 16, 1)),
     (tpu_v5e, "7b", 32, (1, 8, 4)),  # v5litepod-32
     (tpu_v5e, "7b", 64, (1, 16, 4)),
+    (tpu_v6e, "1.5b", 8, (1, 8, 1)),  # v6e-8
+    (tpu_v6e, "7b", 8, (1, 2, 4)),
     (gpu, "1.5b", 1, (1, 1, 1)),
     (gpu, "1.5b", 8, (1, 8, 1)),
     (gpu, "7b", 8, (1, 8, 1)),

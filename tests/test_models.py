@@ -241,9 +241,10 @@ def test_token_logprobs_apply_the_final_cap_in_chunks(checkpoints):
 
 
 def test_published_configs_read_as_transformers_reads_them():
-  """Published config.json files (grpo_jax/models/published_configs.json, sources there) give the ModelConfig that
-  transformers' own reading of them gives once written out in full (its defaults, its layer
-  types): Gemma 2 / 3, an image-text Gemma 3, Qwen2.5-Math, an R1 distill, Mistral."""
+  """Published config.json files (grpo_jax/models/published_configs.json, sources there)
+  give the ModelConfig that transformers' own reading of them gives once written out in full
+  (its defaults, its layer types): Gemma 2 / 3, an image-text Gemma 3, Qwen2.5 (Math), an R1
+  distill, Mistral, Llama 3.x, Qwen3."""
   published = published_lib.configs()
   for name, hf in published.items():
     ours = models.ModelConfig.from_hf(hf)
