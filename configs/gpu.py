@@ -8,14 +8,17 @@ led by the model size; memory arithmetic in configs/accelerators.py. FSDP over e
 over several nodes, --config.mesh.shape="(NODES,8,1)" keeps FSDP inside a node (NVLink) and
 leaves one gradient all-reduce per update to the network.
 
-1.5b (Qwen2.5-1.5B class), one H100 and up. On one GPU: 16P = 24.7 GB, plus during the
-  update gradients 12.3 GB and a micro-batch of 128 / 2 = 64 rows: 64 * 0.09 = 5.6 GB of
-  block inputs and about 3 * 64 * 0.05 = 9.7 GB for one block's attention: about 52 GB.
-  Rollout: 24.7 GB + 3.1 GB of bf16 weights + 128 rows of KV cache (3.8 GB): about 32 GB.
-7b (Qwen2.5-7B class), 8 H100s. Per GPU: 121.8 GB / 8 = 15.2 GB, plus gradients 60.9 GB / 8
-  = 7.6 GB and 128 / 4 / 8 = 4 rows (0.8 GB of block inputs, 1.4 GB for one block's
-  attention): about 25 GB. Rollout: 15.2 GB + 15.2 GB of gathered bf16 weights + 16 rows of
-  KV cache (0.9 GB): about 31 GB.
+1.5b (Qwen2.5-1.5B class), one H100 and up: B * G = 128 rows, 4 micro-batches of 32.
+  Compiled for one H100 by `python -m grpo_jax.aot --config=configs/gpu.py:model=Qwen2.5-1.5B,
+  data=unused.jsonl --topology=h100x1` (2026-11-29, jax 0.10.2, jax-cuda12-plugin 0.10.2;
+  compiler estimates, per GPU, of the 59.33 GiB XLA's allocator takes, 75% of 80 GB):
+  train step peak 46.96 GiB (79%; the state 23.00 GiB, temporaries 24.06 GiB), init 28.75,
+  evaluation sampler 15.26. With 2 micro-batches of 64 (this config until then) the step
+  needed 60.15 GiB and did not fit: the largest buffers are the blockwise attention's
+  saved outputs, 10.1 GiB at 64 rows, which halve with the micro-batch.
+7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches. Not yet compiled: by hand, per GPU,
+  121.8 GB / 8 = 15.2 GB of state (16 bytes a parameter), 7.6 GB of gradients and a few GB
+  of activations, about 25 GB; check it with --topology=h100x8 before a run.
 """
 
 import ml_collections
@@ -27,4 +30,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # B * G = 128 rows per step, FSDP over every GPU.
   return accelerators.make_config(arg, prompts_per_step=16,
                                   mesh_shape={"1.5b": (1, -1, 1), "7b": (1, -1, 1)},
-                                  grad_accum_steps={"1.5b": 2, "7b": 4})[1]
+                                  grad_accum_steps={"1.5b": 4, "7b": 4})[1]
