@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -338,8 +339,13 @@ class Plan:
 
 
 def _announce(program: aot_report.Program) -> aot_report.Program:
-  """Says on stderr that a program compiled (a full-size step takes minutes)."""
-  print(f"compiled {program.name} in {program.compile_s:.1f} s", file=sys.stderr, flush=True)
+  """Says on stderr that a program compiled (a full-size step takes minutes) and its peak,
+  and lets go of the compiler's memory before the next one."""
+  gib = program.needed_bytes / aot_targets.GIB
+  print(f"compiled {program.name} in {program.compile_s:.1f} s: {gib:.2f} GiB per chip"
+        + (" (refused)" if program.memory is None else ""), file=sys.stderr, flush=True)
+  jax.clear_caches()
+  gc.collect()
   return program
 
 
