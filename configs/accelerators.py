@@ -1,25 +1,18 @@
-"""What the accelerator configs (tpu_v4.py, tpu_v5e.py, gpu.py) share.
+"""What the accelerator configs (tpu_v4.py, tpu_v5e.py, tpu_v6e.py, gpu.py) share.
 
 Each takes configs/hf.py's arguments, optionally led by a model size:
 
   --config=configs/tpu_v4.py:model=DIR,data=FILE.jsonl       # a Qwen2.5-1.5B-class model
   --config=configs/tpu_v4.py:7b,model=DIR,data=FILE.jsonl    # a Qwen2.5-7B-class model
+  --config=configs/tpu_v5e.py:0.5b,model=DIR,data=FILE.jsonl # a Qwen2.5-0.5B-class one (TPU)
 
-Memory arithmetic used by their comments, for P parameters (1.5B: P = 1.54e9; 7B: 7.62e9),
-float32 master weights and bfloat16 compute:
-  params 4P + AdamW moments 8P + reference params 4P = 16P bytes, kept for the whole run
-    (1.5B: 24.7 GB; 7B: 121.8 GB), split over all devices by FSDP (and tensor);
-  gradients and their accumulator 8P bytes during the update (1.5B: 12.3 GB; 7B: 60.9 GB);
-  rollout weights 2P bytes gathered over (data, fsdp) in bfloat16, split by tensor only
-    (1.5B: 3.1 GB; 7B: 15.2 GB);
-  KV cache per row of S = 256 + 768 tokens, bfloat16: L * 2 * kv_heads * 128 * 2 bytes * S
-    (1.5B: 28 * 2 * 2 * 128 * 2 * 1024 = 29.4 MB; 7B, 4 kv heads: 58.7 MB), split by tensor;
-  activations with per-block remat, per row: the L block inputs S * D * 2 bytes each (1.5B:
-    0.09 GB; 7B: 0.21 GB) plus one block's float32 attention scores H * S^2 * 4 bytes (1.5B:
-    0.05 GB; 7B: 0.12 GB), about three times that with the softmax and its gradient.
-The reference log-probs take one forward without gradients over all of a device's rows, one
-block at a time. Rollout, that forward and the update do not overlap: the peak is the largest
-of the three on top of the 16P.
+What each needs per chip is the compiler's word, not arithmetic: every config's comment gives
+the peak that `python -m grpo_jax.aot --config=... --topology=SLICE` reported for its slice
+(README "Will it fit?"), with the date and versions; run it for another slice or another
+setting before a run. What the memory holds, for P parameters with float32 master weights:
+the train state, 16P bytes (params, AdamW's two moments, the reference params) split over
+every chip, and during the update about 8P of gradients; sampling gathers the weights in
+bfloat16 (2P, split by tensor only) and a KV cache of S = T + N = 1024 slots a row.
 """
 
 import ml_collections

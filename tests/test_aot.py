@@ -2,7 +2,8 @@
 
 The first tests need no accelerator package: the model's shape without weights, the reward
 callback's compile-only stand-in, the user errors. The rest compile a 2-layer model of
-Qwen2.5-0.5B's width (its published config.json, 2 layers) for TPU slices when libtpu is
+Qwen2.5-0.5B's width (its published config.json with 2 layers and an 8192-token vocabulary,
+so that the rows, not the embedding, decide the memory) for TPU slices when libtpu is
 installed (pip install -e ".[aot]"); each compile takes a minute or two on a small CPU.
 """
 
@@ -90,9 +91,9 @@ def test_an_unknown_topology_or_headroom_is_one_error_line_and_exit_2():
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install -e \".[aot]\")")
-# B = 4 prompts x G = 4, T = N = 32: 16 rows, two a chip on 8.
+# B = 4 prompts x G = 4, T = N = 64: 16 rows, two a chip on 8.
 _SMALL = ("--config.data.prompts_per_step=4", "--config.grpo.num_generations=4",
-          "--config.data.max_prompt_len=32", "--config.sampler.max_new_tokens=32",
+          "--config.data.max_prompt_len=64", "--config.sampler.max_new_tokens=64",
           "--config.eval.num_prompts=0")
 
 
@@ -104,7 +105,7 @@ def compile_small(tmp_path_factory):
   model = root / "qwen2.5-0.5b-2layers"
   model.mkdir()
   (model / "config.json").write_text(json.dumps(
-      dict(published.config("Qwen2.5-0.5B"), num_hidden_layers=2)))
+      dict(published.config("Qwen2.5-0.5B"), num_hidden_layers=2, vocab_size=8192)))
   done = {}
 
   def run(topology: str, *args: str):
@@ -128,11 +129,12 @@ def test_a_small_model_fits_a_v5e_8_with_a_roofline_estimate(compile_small):
   assert (report["topology"], report["chips"], report["hbm_bytes"]) == ("v5e-8", 8, 15.75 * GIB)
   assert report["fits"] and set(report["programs"]) == {"init", "train_step"}
   step = report["programs"]["train_step"]
-  assert 0 < step["peak_bytes"] < 2 * GIB and step["flops"] > 0 and step["bytes_accessed"] > 0
-  assert step["argument_bytes"] == report["programs"]["init"]["output_bytes"]  # the state
+  assert 0 < step["peak_bytes"] < GIB and step["flops"] > 0 and step["bytes_accessed"] > 0
+  # The step's arguments: the state init makes, and the batch (a few tiles).
+  assert 0 <= step["argument_bytes"] - report["programs"]["init"]["output_bytes"] < 1 << 20
   roof = report["roofline"]
   assert roof["step_s"] > 0 and roof["tokens_per_s_per_chip"] > 0
-  assert roof["phases"]["decode"]["count"] == 32 - 1
+  assert roof["phases"]["decode"]["count"] == 64 - 1
   assert set(roof["phases"]) == {"rollout", "decode", "logps", "update"}  # beta 0.04: ref pass
   # One decode iteration reads its chip's weights and KV cache at least once.
   assert roof["decode_bytes_per_token"] >= roof["decode_min_bytes_per_token"] > 0
@@ -141,22 +143,24 @@ def test_a_small_model_fits_a_v5e_8_with_a_roofline_estimate(compile_small):
 
 @needs_libtpu
 def test_per_chip_bytes_fall_as_chips_grow(compile_small):
-  """v4-8 has 4 chips (one JAX device each), v5e-8 8: FSDP halves each chip's state."""
+  """v4-8 has 4 chips (one JAX device each), v5e-8 8: FSDP halves each chip's state and
+  rows."""
   code, _, stderr, v4 = compile_small("v4-8", "--noroofline")
   assert code == 0, stderr
   assert v4["chips"] == 4 and v4["roofline"] is None
   v5e = compile_small("v5e-8")[3]
-  for key in ("argument_bytes", "peak_bytes"):
-    assert v4["programs"]["train_step"][key] > 1.5 * v5e["programs"]["train_step"][key], key
+  v4_step, v5e_step = v4["programs"]["train_step"], v5e["programs"]["train_step"]
+  assert v4_step["argument_bytes"] > 1.5 * v5e_step["argument_bytes"]
+  assert v4_step["peak_bytes"] > v5e_step["peak_bytes"]
 
 
 @needs_libtpu
 def test_eight_times_the_batch_needs_more_and_a_program_over_the_headroom_exits_1(compile_small):
   code, _, stderr, big = compile_small("v5e-8", "--config.data.prompts_per_step=32",
-                                       "--headroom=0.95")
+                                       "--headroom=0.999")
   small = compile_small("v5e-8")[3]
   assert big["programs"]["train_step"]["peak_bytes"] > small["programs"]["train_step"]["peak_bytes"]
   assert code == 1 and not big["fits"] and big["roofline"] is None
   line = stderr.strip().splitlines()[-1]
   assert line.startswith("error: train_step needs ") and "v5e-8 chip has 15.75 GiB" in line
-  assert "0.79 GiB with --headroom=0.95; largest: " in line
+  assert "0.02 GiB with --headroom=0.999; largest: " in line
