@@ -11,15 +11,27 @@ Held-out pass@1 (new prompts, k = 4 samples at temperature 1) is printed before 
 at the end, and workdir/progress.png plots reward and pass@1 over steps.
 
   python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo
+
+The LoRA variant: the cold-start SFT trains every weight (it plays the pretraining a real base
+model had), then GRPO trains rank-16 adapters on every projection over that frozen base, which
+is also pi_ref (README "LoRA"); the adapters take a higher learning rate:
+
+  python -m grpo_jax.main --config=configs/demo.py:lora --workdir=runs/demo_lora
 """
 
 import ml_collections
 
 from grpo_jax import config
+from grpo_jax.errors import UserError
+
+
+VARIANTS = ("lora",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # The demo takes no arguments.
+  if arg not in (None, "", *VARIANTS):
+    raise UserError(f"config argument {arg!r} is not allowed: configs/demo.py or "
+                    f"configs/demo.py:{' | '.join(VARIANTS)}")
   cfg = config.defaults()
   cfg.model.path = ""  # the built-in demo model, shaped by cfg.model.demo
   cfg.model.dtype = "float32"
@@ -44,4 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.eval.num_prompts = 96
   cfg.eval.k = 4
   cfg.logging.progress_every_s = 5.0
+  if arg == "lora":
+    cfg.model.lora.rank = 16
+    cfg.model.lora.alpha = 32.0
+    cfg.model.lora.sft_trains = "weights"
+    cfg.train.learning_rate = 1e-3
   return cfg

@@ -1,8 +1,8 @@
 """Two processes on one machine, joined by jax.distributed over loopback with CPU (gloo)
 collectives, train like one process with the same 8 devices.
 
-The test starts this file twice as a worker (`python -m tests.test_multiprocess WORKDIR`,
-JAX_PROCESS_ID 0 and 1, 4 CPU devices each) and compares with an in-process run.
+The test starts this file twice as a worker (`python -m tests.test_multiprocess WORKDIR
+full|lora`, JAX_PROCESS_ID 0 and 1, 4 CPU devices each) and compares with an in-process run.
 """
 
 import json
@@ -21,20 +21,23 @@ from grpo_jax import distributed
 from grpo_jax import config as config_lib
 from grpo_jax import main as main_lib
 from grpo_jax.errors import UserError
-from tests.test_mesh import OVERRIDES, relative_error
+from tests.test_mesh import LORA, OVERRIDES, relative_error
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = OVERRIDES["train.num_steps"]
 
 
-def train(workdir: str):
+def train(workdir: str, kind: str):
   """STEPS steps on a (2, 2, 2) mesh over every process's devices, metrics written by process
   0 and a (multi-host) checkpoint at the end. Returns the records and the gathered params.
 
-  No KL term: test_mesh checks the normalisers; this checks the processes' plumbing.
+  kind "full" trains every weight, "lora" LoRA adapters. No KL term: test_mesh checks the
+  normalisers; this checks the processes' plumbing.
   """
-  cfg = config_lib.freeze(tiny_config(**{**OVERRIDES, "mesh.shape": (2, 2, 2), "grpo.beta": 0.0}))
+  lora = LORA if kind == "lora" else {}
+  cfg = config_lib.freeze(tiny_config(**{**OVERRIDES, **lora, "mesh.shape": (2, 2, 2),
+                                         "grpo.beta": 0.0}))
   trainer = main_lib.Trainer(cfg, workdir)
   records = []
   for step in range(1, STEPS + 1):
@@ -55,17 +58,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_processes_train_like_one(tmp_path, kind):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
   workdir = tmp_path / "two"
   logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
-  workers = [subprocess.Popen([sys.executable, "-m", "tests.test_multiprocess", str(workdir)],
-                              cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=log,
+  command = [sys.executable, "-m", "tests.test_multiprocess", str(workdir), kind]
+  workers = [subprocess.Popen(command, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=log,
                               stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
   try:
-    records, params = train(str(tmp_path / "one"))  # meanwhile, one process
+    records, params = train(str(tmp_path / "one"), kind)  # meanwhile, one process
     codes = [w.wait(timeout=400) for w in workers]
   finally:
     for w in workers:
@@ -102,11 +106,11 @@ def test_checkpoints_are_read_into_host_memory():
   assert builder.host_device().platform == "cpu"
 
 
-def worker(workdir: str) -> None:
+def worker(workdir: str, kind: str) -> None:
   distributed.init_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(),
                                                                jax.device_count())
-  records, params = train(workdir)
+  records, params = train(workdir, kind)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "records.json"), "w") as f:
       json.dump(records, f)
@@ -114,4 +118,4 @@ def worker(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  worker(sys.argv[1])
+  worker(sys.argv[1], sys.argv[2])
