@@ -5,6 +5,7 @@
   python -m grpo_jax.bench --what=scaling [--sweep_g=4,8,16 --sweep_n=32,64,128 --sweep_b=4,8,16]
   python -m grpo_jax.bench --what=sampler --model=demo --batch=8 --new_tokens=64 --prompt_len=16
   python -m grpo_jax.bench --what=sampler ... --lora_rank=16 --lora_base_dtype=nf4 --lora_rollout=low_rank
+  python -m grpo_jax.bench --what=decode --model=demo --batch=64 --cache_len=4096 --fill=64
 
 Without --config, step / trl / scaling use the comparison setup, made in --workdir: a tiny
 Qwen2 checkpoint (hidden 128, 4 layers, vocab 512: random weights, a tokenizer trained
@@ -20,7 +21,10 @@ functions: sampling (`sample`), old + reference log-probs (`reference_logps`) an
 phases and the reward callback, and the host page faults per step (on CPU, temporaries the
 kernel maps in afresh: see `host_malloc.tune`). On accelerators (or given --peak_tflops /
 --mem_bw_gbs) it also reports sampling against the memory-bandwidth bound and the update's
-MFU. --model=qwen2.5-0.5b-shape swaps in random weights in Qwen2.5-0.5B's shape. The
+MFU. --model=qwen2.5-0.5b-shape swaps in random weights in Qwen2.5-0.5B's shape. `decode`
+times one decode step of the model (a token in each of --batch rows) at --fill filled slots
+of a --cache_len slot KV cache, and the step's attention alone in the "xla" form (every slot)
+and the decoding one (the filled slots), "decode_ms_per_token" (bench_decode.py). The
 measurements are in bench_step.py, the jax side of the TRL comparison in bench_compare.py.
 """
 
@@ -39,6 +43,7 @@ from absl import app
 from absl import flags
 
 from grpo_jax import bench_compare
+from grpo_jax import bench_decode
 from grpo_jax import bench_step
 from grpo_jax import cli
 from grpo_jax import config as config_lib
@@ -107,7 +112,8 @@ def comparison_rows(ours: dict[str, Any], trl: dict[str, Any]) -> list[list[str]
 def define_flags() -> None:
   """The command line (defined only when this module runs as the program)."""
   cli.define_flags(workdir=True)
-  flags.DEFINE_enum("what", "step", ["step", "trl", "scaling", "sampler"], "What to measure.")
+  flags.DEFINE_enum("what", "step", ["step", "trl", "scaling", "sampler", "decode"],
+                    "What to measure.")
   flags.DEFINE_string("model", None, f"demo | {bench_step.QWEN_SHAPE} | a local Hugging Face "
                       "checkpoint dir; step/scaling: replaces model.path (sampler default: demo).")
   flags.DEFINE_integer("steps", 5, "Timed calls after the compile.", lower_bound=1)
@@ -128,13 +134,15 @@ def define_flags() -> None:
   flags.DEFINE_list("sweep_g", ["4", "8", "16"], "scaling: values of G.")
   flags.DEFINE_list("sweep_n", ["32", "64", "128"], "scaling: values of N.")
   flags.DEFINE_list("sweep_b", ["4", "8", "16"], "scaling: values of B.")
-  flags.DEFINE_integer("batch", 64, "sampler: B, sequences per call.", lower_bound=1)
+  flags.DEFINE_integer("batch", 64, "sampler, decode: B, sequences per call.", lower_bound=1)
+  flags.DEFINE_integer("cache_len", 4096, "decode: L, slots of the KV cache.", lower_bound=1)
+  flags.DEFINE_integer("fill", 64, "decode: P, filled slots of the cache (1..L).", lower_bound=1)
   flags.DEFINE_integer("new_tokens", 512, "sampler: N, tokens generated per sequence.",
                        lower_bound=1)
   flags.DEFINE_integer("prompt_len", 64, "sampler: T, prompt tokens per sequence.", lower_bound=1)
-  flags.DEFINE_enum("dtype", "bfloat16", list(config_lib.DTYPES), "sampler: parameter and "
+  flags.DEFINE_enum("dtype", "bfloat16", list(config_lib.DTYPES), "sampler, decode: parameter and "
                     "compute dtype.")
-  flags.DEFINE_integer("seed", 0, "sampler: seed of the random weights and prompts.")
+  flags.DEFINE_integer("seed", 0, "sampler, decode: seed of the random weights and prompts.")
   flags.DEFINE_integer("lora_rank", 0, "sampler: LoRA adapters of this rank (alpha 2r) on "
                        "every projection; 0: none.", lower_bound=0)
   flags.DEFINE_enum("lora_base_dtype", "float32", list(config_lib.LORA_BASE_DTYPES),
@@ -238,7 +246,24 @@ def run_scaling(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
   return {"config": dataclasses.asdict(config_lib.freeze(base)), "scaling": table}
 
 
-BENCHMARKS = {"step": run_step, "trl": run_trl, "scaling": run_scaling, "sampler": run_sampler}
+def run_decode(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
+  del workdir
+  if f.fill > f.cache_len:
+    raise UserError(f"--fill={f.fill} is not allowed: at most --cache_len={f.cache_len}")
+  spec = f.model or "demo"
+  config = bench_step.load_model(spec, f.dtype, f.seed).config
+  steps = f.steps if f["steps"].present else 32  # decode steps per timed loop
+  r = bench_decode.measure(config, batch=f.batch, cache_len=f.cache_len, fill=f.fill,
+                           steps=steps, seed=f.seed)
+  print(f"decode step on {bench_step.device_name()}: model={spec} B={f.batch} "
+        f"L={f.cache_len} P={f.fill} dtype={f.dtype} attention={config.attention}")
+  forms = ", ".join(f"{k} {v:.3f} ms" for k, v in r["attention_ms_per_token"].items())
+  print(f"decode_ms_per_token: {r['decode_ms_per_token']:.3f} (attention alone: {forms})")
+  return {"model": spec, "dtype": f.dtype, "attention": config.attention, **r}
+
+
+BENCHMARKS = {"step": run_step, "trl": run_trl, "scaling": run_scaling, "sampler": run_sampler,
+              "decode": run_decode}
 
 
 @exit_on_user_error

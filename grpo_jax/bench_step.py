@@ -22,6 +22,7 @@ from flax import nnx
 
 from grpo_jax import bench_trl
 from grpo_jax import builder
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import models
@@ -30,6 +31,7 @@ from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
 
 QWEN_SHAPE = "qwen2.5-0.5b-shape"
+QWEN_NAMES = (QWEN_SHAPE, "qwen2.5-0.5b")  # both name random weights in Qwen2.5-0.5B's shape
 SWEEP_KEYS = {"G": "grpo.num_generations", "N": "sampler.max_new_tokens",
               "B": "data.prompts_per_step"}
 
@@ -44,16 +46,16 @@ def qwen25_05b_shape(dtype: str) -> models.ModelConfig:
 
 
 def check_model_spec(spec: str) -> None:
-  if spec not in ("demo", QWEN_SHAPE) and not os.path.isdir(spec):
-    raise UserError(f"--model={spec!r} is not allowed: demo | {QWEN_SHAPE} | a local "
-                    "Hugging Face checkpoint dir")
+  if spec not in ("demo",) + QWEN_NAMES and not os.path.isdir(spec):
+    raise UserError(f"--model={spec!r} is not allowed: demo | {' | '.join(QWEN_NAMES)} | a "
+                    "local Hugging Face checkpoint dir")
 
 
 def load_model(spec: str, dtype: str, seed: int,
                lora: models.LoRASpec | None = None) -> models.Transformer:
   """The model named by --model, with fresh LoRA adapters of `lora` (if given)."""
   check_model_spec(spec)
-  if spec == QWEN_SHAPE:
+  if spec in QWEN_NAMES:
     return models.init(dataclasses.replace(qwen25_05b_shape(dtype), lora=lora), seed=seed)
   cfg = config_lib.defaults()
   cfg.model.path = "" if spec == "demo" else spec
@@ -69,7 +71,7 @@ def load_model(spec: str, dtype: str, seed: int,
 def model_path(spec: str, dtype: str, workdir: str) -> str:
   """model.path for --model: "" for demo, a checkpoint dir written here for the Qwen shape."""
   check_model_spec(spec)
-  if spec != QWEN_SHAPE:
+  if spec not in QWEN_NAMES:
     return "" if spec == "demo" else spec
   out = os.path.join(workdir, "qwen2.5-0.5b-shape")
   if not os.path.isfile(os.path.join(out, "config.json")):
@@ -248,7 +250,8 @@ def time_step_pieces(setup: builder.TrainSetup, state: train_step_lib.TrainState
   sampling = time_compiled(sample, (state.params, batch, key), {}, steps,
                            vary=lambda a, i: (*a[:2], jax.random.fold_in(key, i)), warmup=warmup)
   rollout = sample(state.params, batch, key)
-  logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef, settings=settings))
+  logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef, settings=settings,
+                                    layout=setup.layout))
   passes = int(settings.grpo.needs_old_logps) + int(settings.grpo.beta > 0)
   logps_s = 0.0
   if passes:
@@ -261,7 +264,7 @@ def time_step_pieces(setup: builder.TrainSetup, state: train_step_lib.TrainState
       zero_std=jnp.zeros((r // settings.grpo.num_generations,), bool))
   batches = train_step_lib.loss_batches(rollout, advs, old_logps, ref_logps, settings)
   update = jax.jit(functools.partial(train_step_lib.minibatch_update, graphdef, setup.tx,
-                                     settings=settings))
+                                     settings=settings, layout=setup.layout))
   minibatch = jax.tree.map(lambda x: x[0], batches)
   update_one = time_compiled(update, (state.params, state.opt_state, minibatch), {}, steps,
                              vary=lambda a, i: a, warmup=warmup)
@@ -273,13 +276,13 @@ def train_flops(cfg: config_lib.Config, num_params: int, prompt_len: int, logps_
                 row_shards: int = 1) -> int:
   """Model FLOPs of a step's log-prob passes (2 P per token) and updates (6 P per token, mu
   times), over the tokens the model runs on: each row's N - 1 completion tokens ahead of the
-  last, and a prompt once per block of rows that share it (train_step.prompt_share)."""
+  last, and a prompt once per block of rows that share it (completion_logps.prompt_share)."""
   g, n = cfg.grpo.num_generations, cfg.sampler.max_new_tokens
   r = cfg.data.prompts_per_step * g
   micro_rows = r // (cfg.grpo.minibatches_per_iteration * cfg.train.grad_accum_steps)
 
   def tokens(rows_per_pass):
-    share = train_step_lib.prompt_share(g, rows_per_pass, row_shards)
+    share = logps_lib.prompt_share(g, rows_per_pass, row_shards)
     return r * (n - 1) + r // share * prompt_len
 
   return (6 * num_params * cfg.grpo.num_iterations * tokens(micro_rows) +
@@ -292,18 +295,18 @@ def bench_step(cfg: config_lib.Config, args: StepArgs) -> dict[str, Any]:
   run, params = builder.build_run(cfg)
   state = run.setup.init_state(params)
   del params
-  stream = data_lib.PromptStream(list(range(len(run.train_rows))), cfg.data.prompts_per_step,
-                                 cfg.train.seed)
+  stream = run.prompt_stream()
   r = cfg.data.prompts_per_step * cfg.grpo.num_generations
   n = cfg.sampler.max_new_tokens
   result, state = time_train_steps(run, state, stream, args.steps, args.warmup)
   # Before the pieces, which hold copies of the state of their own.
   result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
-  batch = run.batch(stream.next())
+  batch = run.batch(stream.next()[:cfg.data.prompts_per_step])  # the pieces: B prompts
   t = batch.prompt_tokens.shape[1]
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  sampled_rows = cfg.sampled_prompts_per_step * cfg.grpo.num_generations  # B' G
   result.update(rows=r, prompt_len=t, new_tokens=n, num_params=num_params,
-                step_rollout_tokens_per_s=r * n / result["step_s"])
+                step_rollout_tokens_per_s=sampled_rows * n / result["step_s"])
   if args.pieces:
     pieces = time_step_pieces(run.setup, state, batch, args.steps, args.warmup)
     mu = cfg.grpo.num_iterations

@@ -26,15 +26,22 @@ from grpo_jax import evaluate as evaluate_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
+from grpo_jax import process_scoring
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
+from grpo_jax.models import attention as attention_lib
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models import peft_io
 
 # -- the model, its tokenizer, the data ---------------------------------------------------------
+
+
+def attention_impl(cfg: config_lib.Config, backend: str | None = None) -> str:
+  """The attention implementation model.attention names on backend (default: jax's)."""
+  return attention_lib.resolve(cfg.model.attention, backend or jax.default_backend())
 
 
 def lora_spec(cfg: config_lib.Config) -> models.LoRASpec | None:
@@ -46,7 +53,8 @@ def lora_spec(cfg: config_lib.Config) -> models.LoRASpec | None:
                          dropout=lora.dropout, base_dtype=lora.base_dtype)
 
 
-def demo_model_config(cfg: config_lib.Config, tokenizer) -> models.ModelConfig:
+def demo_model_config(cfg: config_lib.Config, tokenizer,
+                      backend: str | None = None) -> models.ModelConfig:
   """The built-in demo model: a small Qwen2-shaped decoder over the demo tokenizer."""
   demo = cfg.model.demo
   return models.ModelConfig(
@@ -58,7 +66,7 @@ def demo_model_config(cfg: config_lib.Config, tokenizer) -> models.ModelConfig:
       max_position_embeddings=4096, bos_token_id=None,
       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-      lora=lora_spec(cfg))
+      attention=attention_impl(cfg, backend), lora=lora_spec(cfg))
 
 
 def load_tokenizer(path: str):
@@ -85,7 +93,8 @@ def load_model(cfg: config_lib.Config):
     tokenizer = load_tokenizer(cfg.model.path)
     model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
                                    param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                                   lora=lora_spec(cfg), seed=cfg.train.seed)
+                                   attention=attention_impl(cfg), lora=lora_spec(cfg),
+                                   seed=cfg.train.seed)
   if cfg.model.lora.init_from:
     model = load_initial_adapter(cfg, model)
   return tokenizer, model
@@ -218,7 +227,7 @@ def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,
       key=replicated)
   settings = train_step_lib.StepSettings(
       grpo=cfg.grpo, grad_accum_steps=cfg.train.grad_accum_steps, sampling=sampling,
-      row_shards=mesh_lib.row_shards(mesh))
+      row_shards=mesh_lib.row_shards(mesh), kept_groups=cfg.data.prompts_per_step)
   eval_sampling = dataclasses.replace(sampling, max_new_tokens=cfg.eval.max_new_tokens,
                                       temperature=cfg.eval.temperature, stop_at_eos=True)
   return TrainSetup(
@@ -245,6 +254,12 @@ class Run:
   eval_scorer: scoring.Scorer  # evaluation's correctness reward, over eval_rows
   eval_reward: str  # its name
 
+  def prompt_stream(self) -> data_lib.PromptStream:
+    """The training rows' ids in batches of the prompts a step samples (B', see
+    Config.sampled_prompts_per_step), shuffled each epoch by train.seed."""
+    return data_lib.PromptStream(list(range(len(self.train_rows))),
+                                 self.cfg.sampled_prompts_per_step, self.cfg.train.seed)
+
   def batch(self, row_ids: Sequence[int]) -> train_step_lib.Batch:
     """The train step's batch of the training rows row_ids."""
     rows = [self.train_rows[i] for i in row_ids]
@@ -252,6 +267,17 @@ class Run:
     return train_step_lib.Batch(prompt_tokens=jnp.asarray(tokens, jnp.int32),
                                 prompt_mask=jnp.asarray(mask, jnp.int32),
                                 row_ids=jnp.asarray(row_ids, jnp.int32))
+
+
+def step_scorer(cfg: config_lib.Config, tokenizer, specs: rewards_lib.StepSpecs | None
+                ) -> process_scoring.StepScorer | None:
+  """The scorer of process supervision's step rewards `specs` (`step_rewards`); None under
+  outcome supervision (specs None)."""
+  if specs is None:
+    return None
+  return process_scoring.StepScorer(tokenizer, specs,
+                                    max_steps=cfg.grpo.max_steps_per_completion,
+                                    timeout_s=cfg.rewards_timeout_s)
 
 
 def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
@@ -263,13 +289,16 @@ def build_run(cfg: config_lib.Config) -> tuple[Run, Any]:
   """
   train_rows, eval_rows = load_rows(cfg)
   specs = rewards_lib.parse_spec(cfg.rewards)
+  step_specs = (rewards_lib.parse_step_spec(cfg.step_rewards)
+                if cfg.grpo.supervision == "process" else None)
   eval_reward = evaluate_lib.correctness_reward(cfg)
   eval_specs = ([s for s in specs if s.name == eval_reward]
                 or list(rewards_lib.parse_spec(eval_reward)))
   with jax.default_device(host_device()):
     tokenizer, model = load_model(cfg)
   scorer = scoring.Scorer(tokenizer, train_rows, specs, max_new_tokens=cfg.sampler.max_new_tokens,
-                          timeout_s=cfg.rewards_timeout_s)
+                          timeout_s=cfg.rewards_timeout_s,
+                          steps=step_scorer(cfg, tokenizer, step_specs))
   eval_scorer = scoring.Scorer(tokenizer, eval_rows, eval_specs,
                                max_new_tokens=cfg.eval.max_new_tokens,
                                timeout_s=cfg.rewards_timeout_s)

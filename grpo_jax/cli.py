@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grpo_jax import config as config_lib
+from grpo_jax import hardware
 from grpo_jax import host_malloc
 from grpo_jax.errors import UserError, exit_on_user_error
 
@@ -73,8 +74,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run_main(main: Callable[[list[str]], None]) -> None:
   """app.run with our flag parsing; library INFO logs (Orbax's) are hidden unless --debug.
 
-  Host malloc is tuned first (host_malloc.tune), before JAX starts its threads.
+  First, before JAX starts a backend or its threads: the CPU where no accelerator is
+  attached (hardware.default_to_cpu), and host malloc tuned (host_malloc.tune).
   """
+  hardware.default_to_cpu()
   host_malloc.tune()
 
   def quiet_main(argv):

@@ -26,6 +26,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 SUPERVISIONS = ("outcome", "process")
 IS_LEVELS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.py
 LR_SCHEDULES = ("cosine", "constant")
 SOURCE_PREFIXES = ("synthetic:", "jsonl:", "tfds:")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -68,6 +69,7 @@ class ModelCfg:
   dtype: str = "float32"  # compute dtype
   param_dtype: Optional[str] = None  # None: same as dtype
   remat: bool = False  # rematerialise each block in the backward pass
+  attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
   lora: LoRACfg = LoRACfg()
 
@@ -100,6 +102,8 @@ class GrpoCfg:
   importance_sampling_level: str = "token"  # token | sequence (GSPO)
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
+  oversample: float = 1.0  # dynamic sampling: sample round(B * oversample) prompts, keep B
+  top_entropy_quantile: float = 1.0  # policy loss on the top share of tokens by entropy; 1 = all
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
 
@@ -107,6 +111,12 @@ class GrpoCfg:
   def updates_per_step(self) -> int:
     """Optimizer updates per sampled batch: mu iterations x minibatches."""
     return self.num_iterations * self.minibatches_per_iteration
+
+  @property
+  def step_slots(self) -> int:
+    """S, the step slots of a completion the reward callback fills: 0 without process
+    supervision."""
+    return self.max_steps_per_completion if self.supervision == "process" else 0
 
   @property
   def needs_old_logps(self) -> bool:
@@ -158,6 +168,8 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class MeshCfg:
   shape: tuple[int, ...] = (1, -1, 1)  # MESH_AXES sizes; -1 fills the rest
+  # Multi-process runs: a process silent this long is lost and the others stop (liveness.py).
+  process_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +205,12 @@ class Config:
   mesh: MeshCfg = MeshCfg()
   sft: SftCfg = SftCfg()
   logging: LoggingCfg = LoggingCfg()
+
+  @property
+  def sampled_prompts_per_step(self) -> int:
+    """B', the prompts a step samples: round(B * grpo.oversample); dynamic sampling trains
+    on B of their groups."""
+    return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
 def _optional_base(hint: Any) -> Any:
@@ -299,6 +317,7 @@ def _resolve_mesh(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
 _ENUMS = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
+    "model.attention": ATTENTION,
     "model.lora.base_dtype": LORA_BASE_DTYPES,
     "model.lora.sft_trains": LORA_SFT_TRAINS,
     "grpo.loss_type": LOSS_TYPES,
@@ -328,6 +347,8 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.minibatches_per_iteration": (1, ""),
     "grpo.ref_reset_every": (0, "never"),
     "grpo.max_steps_per_completion": (1, ""),
+    "grpo.oversample": (1, "no over-sampling"),
+    "grpo.top_entropy_quantile": (0, "only the highest-entropy tokens"),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -355,6 +376,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "sft.max_len": (1, ""),
     "logging.every_steps": (1, ""),
     "logging.progress_every_s": (0, ""),
+    "mesh.process_timeout_s": (1, ""),
 }
 
 
@@ -384,6 +406,8 @@ def _validate(c: Config) -> None:
          "a non-empty increasing tuple of lengths >= 1")
   _check(0 < c.sampler.top_p <= 1, "sampler.top_p", c.sampler.top_p, "0 < top_p <= 1")
   _check(c.train.adam_b1 < 1, "train.adam_b1", c.train.adam_b1, "0 <= b1 < 1")
+  _check(c.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile",
+         c.grpo.top_entropy_quantile, "0 <= q <= 1 (1 = every token)")
   _check(c.train.adam_b2 < 1, "train.adam_b2", c.train.adam_b2, "0 <= b2 < 1")
   _check(c.rewards.strip() != "", "rewards", c.rewards,
          "a non-empty 'name:weight,name:weight' list")
@@ -391,6 +415,12 @@ def _validate(c: Config) -> None:
   _check(g.supervision != "process" or c.step_rewards.strip() != "", "step_rewards",
          c.step_rewards, "a non-empty 'name:weight,...' list when grpo.supervision="
          "'process', e.g. arithmetic_steps or countdown_steps")
+  _check(g.supervision == "process" or c.step_rewards.strip() == "", "step_rewards",
+         c.step_rewards, "'' unless grpo.supervision='process' (step rewards drive only "
+         "process supervision)")
+  _check(g.supervision != "process" or g.scale_rewards == "group", "grpo.scale_rewards",
+         g.scale_rewards, "'group' with grpo.supervision='process' (step rewards are "
+         "normalised over their group)")
   _check(g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta", g.delta,
          f"None or > 1 + epsilon_high = {1 + g.epsilon_high}")
   _check(c.data.prompts_per_step % g.minibatches_per_iteration == 0,
@@ -421,7 +451,8 @@ def _validate_lora(lora: LoRACfg) -> None:
 
 
 def _check_batch_layout(c: Config) -> None:
-  """Each micro-batch of B*G rows must split evenly over the data-parallel devices."""
+  """Each micro-batch of B*G rows, and the B'*G sampled rows, must split evenly over the
+  data-parallel devices."""
   data, fsdp, _ = c.mesh.shape
   rows = c.data.prompts_per_step * c.grpo.num_generations
   _check(rows % (data * fsdp) == 0, "data.prompts_per_step", c.data.prompts_per_step,
@@ -432,6 +463,10 @@ def _check_batch_layout(c: Config) -> None:
          c.train.grad_accum_steps,
          f"B*G = {rows} rows split into minibatches_per_iteration * grad_accum_steps = "
          f"{micro} micro-batches must stay divisible by data*fsdp = {data * fsdp}")
+  sampled = c.sampled_prompts_per_step * c.grpo.num_generations
+  _check(sampled % (data * fsdp) == 0, "grpo.oversample", c.grpo.oversample,
+         f"sampled prompts round(prompts_per_step * oversample) * grpo.num_generations = "
+         f"{sampled} must be divisible by the data-parallel size data*fsdp = {data * fsdp}")
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -465,7 +500,8 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
           max_new_tokens=_or(e.max_new_tokens, c.sampler.max_new_tokens)),
       sft=dataclasses.replace(c.sft, source=_or(c.sft.source, c.data.source)))
   _validate(c)
-  c = dataclasses.replace(c, mesh=MeshCfg(_resolve_mesh(c.mesh.shape, num_devices)))
+  c = dataclasses.replace(c, mesh=dataclasses.replace(
+      c.mesh, shape=_resolve_mesh(c.mesh.shape, num_devices)))
   _check_batch_layout(c)
   return c
 

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import sys
 
+from grpo_jax import hardware
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 TUNE_MALLOC_ENV = "GRPO_JAX_TUNE_MALLOC"
-
-
-def _jax_is_cpu_only() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin and no
-  libtpu is installed. Decided without starting a JAX backend."""
-  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-  if platforms:
-    return platforms == "cpu"
-  plugins = list(importlib.metadata.entry_points(group="jax_plugins"))
-  return not plugins and not any(
-      importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
 
 
 def tune() -> bool:
@@ -42,7 +31,7 @@ def tune() -> bool:
     return False
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return False
-  if not _jax_is_cpu_only():
+  if not hardware.jax_is_cpu_only():
     return False
   libc = ctypes.CDLL(None)
   return all(libc.mallopt(param, value) == 1 for param, value in (

@@ -37,6 +37,17 @@ def _flag_mean(flag: jax.Array, mask_bt: jax.Array, per_row: bool) -> jax.Array:
   return jnp.mean(flag) if per_row else _masked_mean(flag, mask_bt)
 
 
+def high_entropy_mask(entropy_bt: jax.Array, mask_bt: jax.Array, quantile: float) -> jax.Array:
+  """[B, T] bool: the tokens under mask whose entropy is at least the (1 - quantile)-quantile
+  (linear interpolation, as torch.quantile) of the entropies of all the tokens under mask:
+  the top `quantile` of them by entropy, as TRL's GRPOTrainer.get_high_entropy_mask keeps for
+  top_entropy_quantile = quantile. No token when the mask is empty."""
+  valid_bt = jnp.asarray(mask_bt) > 0
+  values = jnp.where(valid_bt, entropy_bt, jnp.nan).reshape(-1)
+  threshold = jnp.nanquantile(values, 1.0 - quantile)  # NaN (no token) without valid ones
+  return valid_bt & (entropy_bt >= threshold)
+
+
 def grpo_loss(
     logps: jax.Array,
     old_logps: jax.Array | None,
@@ -53,17 +64,20 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: jax.Array | float | None = None,
     num_rows: jax.Array | float | None = None,
+    policy_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO loss of one batch of completions and its metrics.
 
   With w the importance weight (token level: pi_theta/pi_old per token; sequence
   level, GSPO: exp of the masked mean over the row of log(pi_theta/pi_old)),
 
-    l_bt = -min(min(w, delta) * A, clip(w, 1 - eps_low, 1 + eps_high) * A)
+    l_bt = -p_bt * min(min(w, delta) * A, clip(w, 1 - eps_low, 1 + eps_high) * A)
            + beta * (exp(ref - logp) - (ref - logp) - 1)
 
-  reduced over the mask m by loss_type, with the normalisers R = num_rows (default B),
-  I = num_items_in_batch (default sum m) and N = max_completion_length (default T):
+  with p = policy_mask (default 1; high_entropy_mask's for TRL's top_entropy_quantile, which
+  leaves the KL term and the normalisers as they are), reduced over the mask m by loss_type,
+  with the normalisers R = num_rows (default B), I = num_items_in_batch (default sum m) and
+  N = max_completion_length (default T):
 
     "grpo"     sum_b (sum_t l m / max(sum_t m, 1)) / max(R, 1)
     "bnpo"     sum(l m) / max(I, 1)
@@ -90,6 +104,7 @@ def grpo_loss(
     max_completion_length: N, the dr_grpo normaliser; None means T.
     num_items_in_batch: I, the bnpo / dapo normaliser (a scalar); None means mask.sum().
     num_rows: R, the grpo / dr_grpo normaliser (a scalar); None means B.
+    policy_mask: [B, T] 0/1 (any numeric or bool dtype) or None (every token).
 
   Returns:
     (loss, aux): aux holds float32 scalars "kl" (masked mean of the k3 term, 0
@@ -123,6 +138,8 @@ def grpo_loss(
   if delta is not None:
     ratio = jnp.minimum(ratio, delta)
   per_token = -jnp.minimum(ratio * advs, clipped * advs)
+  if policy_mask is not None:
+    per_token = per_token * jnp.asarray(policy_mask).astype(jnp.float32)
 
   kl_bt = None
   if ref_logps is not None:

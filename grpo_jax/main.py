@@ -23,6 +23,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import distributed
 from grpo_jax import evaluate as evaluate_lib
+from grpo_jax import liveness
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
 from grpo_jax import sft as sft_lib
@@ -44,8 +45,7 @@ class Trainer:
     self.state = self.setup.init_state(params)  # the host copy of params goes
     self.train_step = self.setup.train_step(self.parts.scorer, self.parts.scorer.names)
     self.sample_fn = self.setup.eval_sample_fn()
-    self.stream = data_lib.PromptStream(list(range(len(self.parts.train_rows))),
-                                        cfg.data.prompts_per_step, cfg.train.seed)
+    self.stream = self.parts.prompt_stream()
     self.ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep,
                                             async_save=cfg.checkpoint.async_save)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
@@ -82,15 +82,16 @@ class Trainer:
     return train_step_lib.checkpointed(self.state, with_base=self.checkpoints_base)
 
   def restore(self) -> int:
-    """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
-    step = self.ckpt.latest_step()
-    if step is None:
+    """Resumes from the newest checkpoint that reads back as written (newer, damaged ones
+    are moved aside); returns its step (-1: fresh start)."""
+    restored = self.ckpt.restore_newest_good(self.checkpointed())
+    if restored is None:
       # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
       # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    saved, meta = self.ckpt.restore(self.checkpointed(), step=step)
+    step, saved, meta = restored
     self.state = train_step_lib.restore_checkpointed(self.state, saved)
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
@@ -195,10 +196,19 @@ class Trainer:
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.ckpt.directory}, where a new "
+             "run on this workdir resumes")
+    bad_ref = int(record.get("train/nonfinite_ref_logps", 0))
+    if bad_ref:
+      raise UserError(
+          f"step {step}: {consecutive} optimizer updates in a row were skipped "
+          f"(train.max_nan_steps={self.cfg.train.max_nan_steps}) because the reference "
+          f"policy's log-probs are NaN/Inf ({bad_ref} completion tokens this step): the "
+          f"reference parameters are broken; {where}, with the same broken reference unless "
+          "it is fixed; check model.path or set grpo.beta=0")
     raise UserError(
         f"step {step}: {consecutive} optimizer updates in a row had NaN/Inf gradients and were "
-        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); the last good checkpoint "
-        f"is step {last} in {self.ckpt.directory}, where a new run on this workdir resumes; "
+        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); {where}; "
         "lower train.learning_rate or check the rewards and data")
 
   def _print_eval(self, title: str, ev: dict[str, float]) -> None:
@@ -239,10 +249,12 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
-  distributed.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  distributed.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
-  trainer = Trainer(cfg, workdir)
-  return trainer.run()
+  checkpoint_lib.check_writable(workdir, "--workdir")
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    return Trainer(cfg, workdir).run()
 
 
 def main(argv) -> None:

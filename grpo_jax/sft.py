@@ -31,6 +31,7 @@ from grpo_jax import cli
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import distributed
+from grpo_jax import liveness
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
@@ -130,9 +131,9 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   step_fn = make_sft_step(graphdef, tx, split)
   dropout_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))[1]
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
-  start = (ckpt.latest_step() if ckpt is not None else None) or 0
-  if start:
-    state, meta = ckpt.restore(state, step=start)
+  start, restored = 0, ckpt.restore_newest_good(state) if ckpt is not None else None
+  if restored:
+    start, state, meta = restored
     stream.restore(meta["data"])
     if writer.enabled:
       print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
@@ -168,32 +169,35 @@ def run(config, workdir: str | None) -> str:
   if config is None or not workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/demo.py "
                     "--workdir=runs/sft")
-  distributed.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  distributed.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
   if cfg.sft.num_steps <= 0:
     raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
-  tokenizer, model = builder.load_model(cfg)
-  graphdef, params = nnx.split(model)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                                     tensorboard=cfg.logging.tensorboard)
-  ckpt = checkpointer(cfg, workdir)
-  params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
-                           stop=signals.StopRequest())
-  ckpt.close()
-  writer.close()
-  if not finished:
-    return ""
-  out_dir = f"{workdir}/hf"
-  if jax.process_index() == 0:
-    model = nnx.merge(graphdef, params)
-    models.save_pretrained(model, out_dir)  # with LoRA: merged
-    data_lib.save_tokenizer(tokenizer, out_dir)
-    if model.config.lora is not None:
-      models.save_peft_adapter(model, f"{workdir}/adapter",
-                               base_model_name_or_path=cfg.model.path or None)
-    logging.info("wrote %s", out_dir)
-  delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
-  return out_dir
+  checkpoint_lib.check_writable(workdir, "--workdir")
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    tokenizer, model = builder.load_model(cfg)
+    graphdef, params = nnx.split(model)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                       tensorboard=cfg.logging.tensorboard)
+    ckpt = checkpointer(cfg, workdir)
+    params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
+                             stop=signals.StopRequest())
+    ckpt.close()
+    writer.close()
+    if not finished:
+      return ""
+    out_dir = f"{workdir}/hf"
+    if jax.process_index() == 0:
+      model = nnx.merge(graphdef, params)
+      models.save_pretrained(model, out_dir)  # with LoRA: merged
+      data_lib.save_tokenizer(tokenizer, out_dir)
+      if model.config.lora is not None:
+        models.save_peft_adapter(model, f"{workdir}/adapter",
+                                 base_model_name_or_path=cfg.model.path or None)
+      logging.info("wrote %s", out_dir)
+    delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
+    return out_dir
 
 
 def main(argv) -> None:

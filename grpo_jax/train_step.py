@@ -2,18 +2,23 @@
 
 The step calls one function per phase, in the algorithm's order:
 
-  prompts [B, T] --sample--> G completions each                    Rollout, R = B * G rows
-    --score--> rewards of the R completions (host callback)          scoring.Rewards [R]
-    --advantage--> group-relative advantages, the loss mask          Advantages [R], [R, N]
+  prompts [B', T] --sample--> G completions each                   Rollout, B' * G rows
+    --score--> rewards of the completions (host callback)            scoring.Rewards [B' G]
+               (process supervision: and of their steps)                  [B' G, S]
+    --select_groups--> dynamic sampling: B of the B' groups, those with signal first
+                                                                    Selection, R = B * G rows
+    --advantage--> group-relative advantages, the loss mask          Advantages [R] or [R, N]
     --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
     --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
-                value_and_grad(grpo_loss), one optimizer update per minibatch
+                value_and_grad(grpo_loss), one optimizer update per minibatch; the log-prob
+                pass also gives token entropies (rl/entropy, grpo.top_entropy_quantile)
     --reset_reference--> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
 
-Prompts stay prompts ([B, T], or [R / S, T]): S consecutive rows of a group share one
-prompt, which runs through the model once for them in sampling, the log-prob passes and
-the update (`completion_logps`); S is `prompt_share` of the rows of the pass. The state is
-donated. Randomness: `fold_in(state.key, state.step)`.
+B' = B without dynamic sampling (grpo.oversample = 1). Prompts stay prompts ([B, T], or
+[R / S, T]): S consecutive rows of a group share one prompt, which runs through the model
+once for them in sampling, the log-prob passes and the update (completion_logps.py); S is
+`prompt_share` of the rows of the pass. The state is donated. Randomness:
+`fold_in(state.key, state.step)`.
 
 With LoRA (models/lora.py) the params hold the frozen base and the adapters; the update
 differentiates and the optimizer moves the adapters only, and pi_ref is the base with the
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax
@@ -35,10 +39,10 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from grpo_jax import advantages as advantages_lib
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
-from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
 from grpo_jax.models import lora as lora_lib
@@ -55,9 +59,11 @@ class TrainState:
 
 @flax.struct.dataclass
 class Batch:
-  prompt_tokens: jax.Array  # [B, T] int32, left padded
-  prompt_mask: jax.Array  # [B, T] int32
-  row_ids: jax.Array  # [B] int32: each prompt's row in the reward callback's dataset rows
+  """The prompts a step samples: B' = B, or round(B * grpo.oversample) for dynamic sampling."""
+
+  prompt_tokens: jax.Array  # [B', T] int32, left padded
+  prompt_mask: jax.Array  # [B', T] int32
+  row_ids: jax.Array  # [B'] int32: each prompt's row in the reward callback's dataset rows
 
 
 @flax.struct.dataclass
@@ -73,10 +79,21 @@ class Rollout:
 
 @flax.struct.dataclass
 class Advantages:
-  advs: jax.Array  # [R] float32: (r - group mean) / group std (grpo.scale_rewards)
+  # [R] float32: (r - group mean) / group std (grpo.scale_rewards); process supervision:
+  # [R, N], each token's sum of the group-normalised rewards of its row's steps from it on
+  advs: jax.Array
   loss_mask: jax.Array  # [R, N] int32: the tokens the loss counts
   kept: jax.Array  # [R] float32: 1 for the rows the update uses, 0 for dropped groups
-  zero_std: jax.Array  # [B] bool: the group's rewards are all equal
+  zero_std: jax.Array  # [B] bool: the group has no signal (zero_std_groups)
+
+
+@flax.struct.dataclass
+class Selection:
+  """The B groups a step trains on, of the B' it sampled (dynamic sampling)."""
+
+  rollout: Rollout  # the kept groups' rows, R = B * G
+  rewards: scoring.Rewards  # their rewards ([R], [F, R], [R, S])
+  with_signal: jax.Array  # [B'] bool: the sampled groups that have signal (not zero_std_groups)
 
 
 @flax.struct.dataclass
@@ -89,7 +106,7 @@ class LossBatch:
   tokens: jax.Array  # [R, N]
   mask: jax.Array  # [R, N]: the completion tokens the model runs on
   loss_mask: jax.Array  # [R, N]
-  advs: jax.Array  # [R]
+  advs: jax.Array  # [R] or [R, N]
   kept: jax.Array  # [R]
   old_logps: jax.Array | None  # [R, N], None when pi_old is the current policy
   ref_logps: jax.Array | None  # [R, N], None when beta == 0
@@ -103,6 +120,7 @@ class StepSettings:
   grad_accum_steps: int  # A, train.grad_accum_steps
   sampling: sampler_lib.SamplingSettings
   row_shards: int = 1  # how many ways the mesh splits the rows (mesh.row_shards)
+  kept_groups: int = 0  # B, the groups the update trains on (of B' sampled); 0 = all sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,49 +172,6 @@ def restore_checkpointed(state: TrainState, saved: TrainState) -> TrainState:
   return saved.replace(params=nnx.merge_state(frozen, saved.params) if frozen else saved.params)
 
 
-def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
-  """S, how many consecutive rows share a prompt forward: gcd(G, rows per shard).
-
-  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
-  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
-  """
-  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
-
-
-def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
-                     completion_mask, temperature: float,
-                     dropout_key: jax.Array | None = None) -> jax.Array:
-  """Log-probs [R, N] float32 of completion_tokens [R, N] after their prompts, under params.
-
-  prompt_tokens / prompt_mask [P, T] (left padded) are the prompts of the R = P * S rows, S
-  consecutive rows each (S = 1: one prompt per row). Each prompt runs through the model once
-  and its keys and values serve its S completions: the prompt costs 1/S of a forward over the
-  concatenated rows, whose log-probs these equal. Token T + n is predicted by the hidden state
-  at T + n - 1; the vocab projection is chunked so that [R, N, V] float32 logits never exist.
-  dropout_key: LoRA dropout in the forward (the update's); None: none.
-  """
-  model = nnx.merge(graphdef, params)
-  num_prompts, t = prompt_tokens.shape
-  r, n = completion_tokens.shape
-  per_row = lambda x: jnp.repeat(x, r // num_prompts, axis=0)  # [P, ...] -> [R, ...]
-  remat = model.config.remat
-  cache = models.init_cache(model.config, num_prompts, t)
-  h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
-                              attention_mask=prompt_mask, cache=cache, cache_index=0, remat=remat,
-                              dropout_key=lora_lib.fold(dropout_key, 0))
-  h_rnd = per_row(h_ptd[:, -1:])  # the last prompt token predicts the first completion token
-  if n > 1:
-    # Completion token n sits at position (real prompt tokens) + (real tokens up to n) - 1.
-    positions = per_row(prompt_mask.sum(-1, keepdims=True)) + jnp.cumsum(completion_mask, -1) - 1
-    h_rest, _ = model.hidden(
-        completion_tokens[:, :-1], positions=jnp.maximum(positions[:, :-1], 0),
-        attention_mask=completion_mask[:, :-1],
-        cache=models.expand_cache(cache, r // num_prompts, t + n - 1),
-        cache_index=t, remat=remat, dropout_key=lora_lib.fold(dropout_key, 1))
-    h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
-  return model.token_logprobs(h_rnd, completion_tokens, temperature=temperature)
-
-
 # -- the phases, in the order the step runs them ------------------------------------------------
 
 
@@ -210,7 +185,7 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
   weights once (lora_lib.for_rollout).
   """
   g = settings.grpo.num_generations
-  share = prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
+  share = logps_lib.prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
   prompt_tokens = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / S, T]
   prompt_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
   if layout is not None:
@@ -228,42 +203,93 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
                  mask=mask, finished=finished)
 
 
-def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array,
-          rollout: Rollout) -> scoring.Rewards:
+def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array, rollout: Rollout,
+          step_slots: int = 0) -> scoring.Rewards:
   """The rewards of the R completions from the host callback `reward_fn` (scoring.Scorer's
-  contract), reached from inside the compiled step; F = num_rewards reward functions."""
+  contract), reached from inside the compiled step; F = num_rewards reward functions, and
+  S = step_slots steps a completion under process supervision (0: none)."""
   r = rollout.tokens.shape[0]
-  shapes = scoring.Rewards(total=jax.ShapeDtypeStruct((r,), jnp.float32),
-                           per_fn=jax.ShapeDtypeStruct((num_rewards, r), jnp.float32),
-                           failures=jax.ShapeDtypeStruct((), jnp.int32),
-                           seconds=jax.ShapeDtypeStruct((), jnp.float32))
+  shape = jax.ShapeDtypeStruct
+  shapes = scoring.Rewards(total=shape((r,), jnp.float32),
+                           per_fn=shape((num_rewards, r), jnp.float32),
+                           failures=shape((), jnp.int32), seconds=shape((), jnp.float32))
+  if step_slots:
+    shapes = shapes.replace(step_rewards=shape((r, step_slots), jnp.float32),
+                            step_ends=shape((r, step_slots), jnp.int32),
+                            steps_truncated=shape((r,), jnp.int32))
   return io_callback(reward_fn, shapes, row_ids, rollout.tokens, rollout.mask, ordered=False)
 
 
-def advantage(rewards_r: jax.Array, rollout: Rollout, grpo: config_lib.GrpoCfg) -> Advantages:
+def zero_std_groups(rewards: scoring.Rewards, group_size: int) -> jax.Array:
+  """[B] True for the groups without signal, whose advantages are all 0: every reward of the
+  group is the same, or, under process supervision, every reward of all its rows' steps."""
+  if rewards.step_rewards is None:
+    return advantages_lib.zero_std_groups(rewards.total, group_size)
+  return advantages_lib.zero_std_step_groups(rewards.step_rewards, rewards.step_ends,
+                                             group_size)
+
+
+def select_groups(batch: Batch, rollout: Rollout, rewards: scoring.Rewards,
+                  settings: StepSettings, layout: Layout | None = None) -> Selection:
+  """Dynamic sampling (DAPO): the B = settings.kept_groups groups to train on, of the B'
+  sampled. Groups with signal come first, then those without (advantages 0), each in the
+  order they were sampled: fewer than B with signal fills the rest with groups without.
+  A group's rows, prompt and rewards go with it; with a layout the kept rows are laid out
+  over the mesh's batch axes again. B = B' keeps every group where it is.
+  """
+  g = settings.grpo.num_generations
+  with_signal = ~zero_std_groups(rewards, g)  # [B']
+  sampled, kept = with_signal.shape[0], settings.kept_groups or with_signal.shape[0]
+  if kept == sampled:
+    return Selection(rollout=rollout, rewards=rewards, with_signal=with_signal)
+  groups = jnp.argsort(~with_signal, stable=True)[:kept]  # [B]
+  rows = (groups[:, None] * g + jnp.arange(g)).reshape(-1)  # [R]
+  share = logps_lib.prompt_share(g, kept * g, settings.row_shards)
+  prompts = lambda x: jnp.repeat(x[groups], g // share, axis=0)  # [R / S, T]
+  kept_rollout = Rollout(
+      prompt_tokens=prompts(batch.prompt_tokens), prompt_mask=prompts(batch.prompt_mask),
+      tokens=rollout.tokens[rows], mask=rollout.mask[rows], finished=rollout.finished[rows])
+  if layout is not None:
+    kept_rollout = jax.lax.with_sharding_constraint(kept_rollout, layout.rows)
+  steps = lambda x: None if x is None else x[rows]
+  kept_rewards = rewards.replace(
+      total=rewards.total[rows], per_fn=rewards.per_fn[:, rows],
+      step_rewards=steps(rewards.step_rewards), step_ends=steps(rewards.step_ends),
+      steps_truncated=steps(rewards.steps_truncated))
+  return Selection(rollout=kept_rollout, rewards=kept_rewards, with_signal=with_signal)
+
+
+def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoCfg
+              ) -> Advantages:
   """Group-relative advantages and the loss mask: truncated completions masked out with
-  grpo.mask_truncated_completions, groups whose rewards are all equal (no signal) dropped
-  with grpo.drop_zero_std_groups."""
+  grpo.mask_truncated_completions, groups without signal dropped with
+  grpo.drop_zero_std_groups. Outcome supervision: one advantage a row, from rewards.total;
+  process supervision: one a token (advantages.process_advantages of the steps)."""
   g = grpo.num_generations
-  zero_std = advantages_lib.zero_std_groups(rewards_r, g)
+  zero_std = zero_std_groups(rewards, g)
   loss_mask = rollout.mask
   if grpo.mask_truncated_completions:
     loss_mask = loss_mask * rollout.finished[:, None].astype(jnp.int32)
-  kept = jnp.ones(rewards_r.shape, jnp.float32)
+  kept = jnp.ones(rewards.total.shape, jnp.float32)
   if grpo.drop_zero_std_groups:
     kept = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
     loss_mask = loss_mask * kept[:, None].astype(jnp.int32)
-  return Advantages(advs=advantages_lib.group_advantages(rewards_r, g, scale=grpo.scale_rewards),
-                    loss_mask=loss_mask, kept=kept, zero_std=zero_std)
+  if grpo.supervision == "process":
+    advs = advantages_lib.process_advantages(rewards.step_rewards, rewards.step_ends,
+                                             rollout.tokens.shape[1], g)
+  else:
+    advs = advantages_lib.group_advantages(rewards.total, g, scale=grpo.scale_rewards)
+  return Advantages(advs=advs, loss_mask=loss_mask, kept=kept, zero_std=zero_std)
 
 
-def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings
-                    ) -> tuple[jax.Array | None, jax.Array | None]:
+def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings,
+                    layout: Layout | None = None) -> tuple[jax.Array | None, jax.Array | None]:
   """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
-  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0."""
-  logps = lambda graphdef, params: jax.lax.stop_gradient(completion_logps(
+  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0. With a
+  layout the forward keeps each device's rows (Transformer.hidden's activation_sharding)."""
+  logps = lambda graphdef, params: jax.lax.stop_gradient(logps_lib.completion_logps(
       graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
-      rollout.mask, settings.sampling.logprob_temperature))
+      rollout.mask, settings.sampling.logprob_temperature, _rows(layout)))
   old = logps(graphdef, state.params) if settings.grpo.needs_old_logps else None
   ref = (logps(*lora_lib.reference(graphdef, state.params, state.ref_params))
          if settings.grpo.beta > 0 else None)
@@ -279,7 +305,8 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
   """
   m, a = settings.grpo.minibatches_per_iteration, settings.grad_accum_steps
   r = rollout.tokens.shape[0]
-  share = prompt_share(settings.grpo.num_generations, r // (m * a), settings.row_shards)
+  share = logps_lib.prompt_share(settings.grpo.num_generations, r // (m * a),
+                                 settings.row_shards)
   copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
   batch = LossBatch(
       prompt_tokens=jnp.repeat(rollout.prompt_tokens, copies, axis=0),
@@ -289,25 +316,41 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
   return jax.tree.map(lambda x: x.reshape((m, a, -1) + x.shape[1:]), batch)
 
 
+def _rows(layout: Layout | None):
+  """The rows' sharding of a layout (None: no constraint)."""
+  return None if layout is None else layout.rows
+
+
 def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
                minibatch_rows: jax.Array, *, graphdef, settings: StepSettings,
-               dropout_key: jax.Array | None = None):
+               layout: Layout | None = None, dropout_key: jax.Array | None = None):
   """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
-  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux)."""
+  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux).
+
+  The log-prob pass also gives each token's entropy: with grpo.top_entropy_quantile = q < 1
+  the policy term counts only the micro-batch's top q of loss tokens by entropy
+  (loss.high_entropy_mask, as TRL takes it over each micro-batch); aux adds the entropy's
+  sum and token count over the completion tokens (micro.mask), for rl/entropy.
+  """
   g = settings.grpo
-  logps = completion_logps(graphdef, params, micro.prompt_tokens, micro.prompt_mask,
-                           micro.tokens, micro.mask, settings.sampling.logprob_temperature,
-                           dropout_key)
-  return loss_lib.grpo_loss(
+  logps, entropy = logps_lib.completion_logps_and_entropy(
+      graphdef, params, micro.prompt_tokens, micro.prompt_mask, micro.tokens, micro.mask,
+      settings.sampling.logprob_temperature, _rows(layout), dropout_key)
+  policy_mask = None
+  if g.top_entropy_quantile < 1:
+    policy_mask = loss_lib.high_entropy_mask(entropy, micro.loss_mask, g.top_entropy_quantile)
+  value, aux = loss_lib.grpo_loss(
       logps, micro.old_logps, micro.ref_logps, micro.advs, micro.loss_mask,
       epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta, beta=g.beta,
       loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
       max_completion_length=settings.sampling.max_new_tokens,
-      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows)
+      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows, policy_mask=policy_mask)
+  mask = micro.mask.astype(jnp.float32)
+  return value, dict(aux, entropy_sum=jnp.sum(entropy * mask), entropy_tokens=jnp.sum(mask))
 
 
 def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
-                     minibatch: LossBatch, settings: StepSettings,
+                     minibatch: LossBatch, settings: StepSettings, layout: Layout | None = None,
                      dropout_key: jax.Array | None = None):
   """One optimizer update of the trainable params (all, or the LoRA adapters) from a minibatch
   of A micro-batches [A, ...], whose gradients are accumulated (summed: their losses share the
@@ -315,7 +358,8 @@ def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_sta
   aux averaged})."""
   trainable, frozen = lora_lib.split_trainable(params)
   loss = lambda trainable, *args, **kwargs: micro_loss(
-      lora_lib.join(trainable, frozen), *args, graphdef=graphdef, settings=settings, **kwargs)
+      lora_lib.join(trainable, frozen), *args, graphdef=graphdef, settings=settings,
+      layout=layout, **kwargs)
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   tokens = minibatch.loss_mask.sum().astype(jnp.float32)
   rows = minibatch.kept.sum()
@@ -342,7 +386,8 @@ def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_sta
 
 
 def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batches: LossBatch,
-           settings: StepSettings, dropout_key: jax.Array | None = None):
+           settings: StepSettings, layout: Layout | None = None,
+           dropout_key: jax.Array | None = None):
   """mu iterations over the M minibatches of `batches` [M, A, ...], one optimizer update each.
   Returns (params, opt_state, metrics stacked over the mu x M updates)."""
   m = settings.grpo.minibatches_per_iteration
@@ -350,7 +395,7 @@ def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batche
   def one(carry, idx):
     minibatch = jax.tree.map(lambda x: x[idx % m], batches)
     params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings,
-                                                  lora_lib.fold(dropout_key, idx))
+                                                  layout, lora_lib.fold(dropout_key, idx))
     return (params, opt_state), metrics
 
   indices = jnp.arange(settings.grpo.updates_per_step, dtype=jnp.int32)
@@ -367,34 +412,73 @@ def reset_reference(ref_params, params, step: jax.Array, every: int):
                       lambda: ref_params)
 
 
-def step_metrics(rollout: Rollout, rewards: scoring.Rewards, advs: Advantages,
-                 update_metrics: dict[str, jax.Array], opt_state, learning_rate: jax.Array,
-                 reward_names: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates."""
+def step_metrics(rollout: Rollout, rewards: scoring.Rewards, selection: Selection,
+                 advs: Advantages, update_metrics: dict[str, jax.Array], opt_state,
+                 learning_rate: jax.Array, reward_names: tuple[str, ...],
+                 ref_logps: jax.Array | None) -> dict[str, jax.Array]:
+  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates.
+
+  What was sampled and its rewards are measured over the B' sampled groups (rollout,
+  rewards); the advantages and the update over the B kept ones (selection, advs).
+  "train/nonfinite_ref_logps" counts the kept completion tokens whose reference log-prob is
+  NaN or infinite: a broken reference makes the loss, hence the update, non-finite.
+  """
   lengths = rollout.mask.sum(-1)
+  kept_rows = selection.rollout.mask
+  kept_groups = kept_rows.shape[0] // (lengths.shape[0] // selection.with_signal.shape[0])
+  with_signal = selection.with_signal.sum()
+  nonfinite_ref = jnp.int32(0)
+  if ref_logps is not None:
+    nonfinite_ref = jnp.sum(~jnp.isfinite(ref_logps) & (kept_rows > 0), dtype=jnp.int32)
   metrics = {
       "train/loss": update_metrics["loss"].mean(),
       "train/grad_norm": update_metrics["grad_norm"].mean(),
       "train/learning_rate": learning_rate,
       "train/nonfinite_updates": opt_state.total_notfinite,
       "train/nonfinite_consecutive": opt_state.notfinite_count,
+      "train/nonfinite_ref_logps": nonfinite_ref,
       "rl/reward_mean": rewards.total.mean(),
       "rl/reward_std": rewards.total.std(ddof=1),
       "rl/kl": update_metrics["kl"].mean(),
+      "rl/entropy": (update_metrics["entropy_sum"].sum()
+                     / jnp.maximum(update_metrics["entropy_tokens"].sum(), 1.0)),
       "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
       "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
       "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
       "rl/completion_length": lengths.mean(),
       "rl/frac_truncated": 1.0 - rollout.finished.mean(),
       "rl/frac_zero_std_groups": advs.zero_std.mean(),
-      "rl/advantage_abs_mean": jnp.abs(advs.advs).mean(),
+      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), kept_rows),
+      "rl/groups_sampled": jnp.float32(selection.with_signal.shape[0]),
+      "rl/groups_with_signal": with_signal,
+      "rl/groups_short": jnp.maximum(kept_groups - with_signal, 0),
       "rl/reward_failures": rewards.failures,
       "perf/rollout_tokens": lengths.sum(),
       "perf/reward_s": rewards.seconds,
   }
   for i, name in enumerate(reward_names):
     metrics[f"rewards/{name}"] = jnp.nanmean(rewards.per_fn[i])
+  if rewards.step_rewards is not None:
+    metrics.update(step_reward_metrics(rewards))
   return metrics
+
+
+def _token_mean(x: jax.Array, mask_rn: jax.Array) -> jax.Array:
+  """The mean of x [R] over rows, or of x [R, N] over the completion tokens mask_rn [R, N]."""
+  if x.ndim == 1:
+    return x.mean()
+  return jnp.sum(x * mask_rn) / jnp.maximum(jnp.sum(mask_rn), 1)
+
+
+def step_reward_metrics(rewards: scoring.Rewards) -> dict[str, jax.Array]:
+  """Process supervision's metrics: the mean step reward (NaN without any scored step), the
+  steps a completion (merged ones included) and the steps merged away, of the batch."""
+  has_step = rewards.step_ends >= 0
+  return {
+      "rl/step_reward_mean": jnp.nanmean(jnp.where(has_step, rewards.step_rewards, jnp.nan)),
+      "rl/steps_per_completion": jnp.mean(has_step.sum(-1) + rewards.steps_truncated),
+      "rl/steps_truncated": rewards.steps_truncated.sum(),
+  }
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -406,18 +490,20 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
   """One GRPO step: the phases above, in order."""
   key = jax.random.fold_in(state.key, state.step)
   rollout = sample(graphdef, state.params, batch, key, settings, layout)
-  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout)
-  advs = advantage(rewards.total, rollout, settings.grpo)
-  old_logps, ref_logps = reference_logps(graphdef, state, rollout, settings)
-  batches = loss_batches(rollout, advs, old_logps, ref_logps, settings)
+  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout,
+                  settings.grpo.step_slots)
+  selection = select_groups(batch, rollout, rewards, settings, layout)
+  advs = advantage(selection.rewards, selection.rollout, settings.grpo)
+  old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings, layout)
+  batches = loss_batches(selection.rollout, advs, old_logps, ref_logps, settings)
   dropout_key = jax.random.fold_in(jax.random.split(state.key)[1], state.step)  # LoRA dropout
   params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
-                                             batches, settings, dropout_key)
+                                             batches, settings, layout, dropout_key)
   step = state.step + 1
   ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
   learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
-  metrics = step_metrics(rollout, rewards, advs, update_metrics, opt_state, learning_rate,
-                         reward_names)
+  metrics = step_metrics(rollout, rewards, selection, advs, update_metrics, opt_state,
+                         learning_rate, reward_names, ref_logps)
   state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
   return state, metrics
 

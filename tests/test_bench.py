@@ -14,6 +14,7 @@ from grpo_jax import bench
 from grpo_jax import bench_compare
 from grpo_jax import bench_step
 from grpo_jax import bench_trl
+from grpo_jax import hardware
 from grpo_jax import host_malloc
 from grpo_jax import config as config_lib
 from grpo_jax import models
@@ -141,7 +142,7 @@ def test_bad_model_flag_is_one_error_line():
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert errors == ["error: --model='/no/such/dir' is not allowed: demo | qwen2.5-0.5b-shape | "
-                    "a local Hugging Face checkpoint dir"], proc.stderr
+                    "qwen2.5-0.5b | a local Hugging Face checkpoint dir"], proc.stderr
   assert "Traceback" not in proc.stderr
 
 
@@ -184,3 +185,35 @@ def test_tuned_malloc_reuses_xla_temporaries_instead_of_faulting_them_in(monkeyp
   assert per_call < per_call_untuned / 20, (per_call, per_call_untuned)
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
   assert not host_malloc.tune()  # accelerators keep their temporaries on the device
+
+
+def test_accelerators_are_found_from_the_hardware_not_the_installed_plugins(tmp_path):
+  # A CPU-only host with libtpu and the CUDA plugin installed (the aot extra) is a CPU host;
+  # a Google virtual NIC (device 0x0042) is not a TPU.
+  nic = tmp_path / "sys/bus/pci/devices/0000:00:04.0"
+  nic.mkdir(parents=True)
+  (nic / "vendor").write_text("0x1ae0\n")
+  (nic / "device").write_text("0x0042\n")
+  assert not hardware.has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0063\n")  # a TPU v5e chip
+  assert hardware.has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0042\n")
+  (tmp_path / "dev").mkdir()
+  (tmp_path / "dev/nvidia0").write_text("")
+  assert hardware.has_accelerator(str(tmp_path))
+
+
+def test_jax_runs_on_the_cpu_where_no_accelerator_is_attached():
+  if hardware.has_accelerator():
+    pytest.skip("this host has an accelerator attached")
+  code = ("import jax; from grpo_jax import hardware; "
+          "print(hardware.default_to_cpu(), jax.config.jax_platforms, jax.default_backend())")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, cwd=REPO)
+  # Installed accelerator packages (the aot extra) are not started, so print no failures.
+  assert out.stdout.split() == ["True", "cpu", "cpu"] and "Traceback" not in out.stderr
+  out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.split()[0] == "False"  # the user's choice stands
+

@@ -15,6 +15,7 @@ from jax.scipy.special import ndtri
 from safetensors.numpy import load_file
 
 from grpo_jax import checkpoint as checkpoint_lib
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import main as main_lib
 from grpo_jax import models
@@ -197,11 +198,11 @@ def test_reference_log_probs_with_adapters_off_equal_the_base_forward_exactly(ca
   @jax.jit
   def logps(params, ref_params):
     graphdef, ref = lora_lib.reference(nnx.split(model)[0], params, ref_params)
-    return train_step_lib.completion_logps(graphdef, ref, prompts, prompt_mask, completion,
-                                           completion_mask, 1.0)
+    return logps_lib.completion_logps(graphdef, ref, prompts, prompt_mask, completion,
+                                      completion_mask, 1.0)
 
   base_graphdef, base_params = nnx.split(models.from_pretrained(ckpt))
-  want = jax.jit(train_step_lib.completion_logps, static_argnums=(0, 6))(
+  want = jax.jit(logps_lib.completion_logps, static_argnums=(0, 6))(
       base_graphdef, base_params, prompts, prompt_mask, completion, completion_mask, 1.0)
   np.testing.assert_array_equal(logps(nnx.state(model), None), want)
   # With iterative resets pi_ref has adapters of its own, zero until the first reset.

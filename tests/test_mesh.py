@@ -1,5 +1,6 @@
 """Sharded GRPO steps on 8 fake CPU devices give the numbers of one device; layouts and memory."""
 
+import dataclasses
 import functools
 import math
 import re
@@ -13,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import advantages
 from grpo_jax import builder
+from grpo_jax import completion_logps
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import loss
@@ -21,6 +23,7 @@ from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
 from grpo_jax import sampler
+from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from tests.test_train import tiny_config, train_records
 
@@ -238,3 +241,59 @@ def test_rollout_layout_decodes_without_collectives():
   bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
   loops = [c for c in hlo.split("\n\n") if c.split(" ", 1)[0].lstrip("%") in bodies]
   assert loops and not any("all-gather" in c or "all-reduce" in c for c in loops)
+
+
+def test_dynamic_sampling_gathers_groups_across_shards_and_lays_them_out_again():
+  """select_groups under jit with the sampled rows over 8 devices: the groups of one device,
+  and the kept rows split over the batch axes again."""
+  from tests import test_dynamic_sampling as ds  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  rows = mesh_lib.batch_sharding(mesh)
+  sampled, kept, g = 8, 4, ds.G
+  rng = np.random.RandomState(0)
+  prompts = jnp.asarray(rng.randint(0, 50, (sampled, 3)), jnp.int32)
+  batch = train_step_lib.Batch(prompt_tokens=prompts, prompt_mask=jnp.ones_like(prompts),
+                               row_ids=jnp.arange(sampled, dtype=jnp.int32))
+  rollout = train_step_lib.Rollout(
+      prompt_tokens=prompts, prompt_mask=batch.prompt_mask,
+      tokens=jnp.asarray(rng.randint(0, 50, (sampled * g, 5)), jnp.int32),
+      mask=jnp.ones((sampled * g, 5), jnp.int32), finished=jnp.ones(sampled * g, bool))
+  total = jnp.asarray(rng.randint(0, 2, sampled * g), jnp.float32)
+  rewards = scoring.Rewards(total=total, per_fn=total[None], failures=jnp.int32(0),
+                            seconds=jnp.float32(0.0))
+  settings = dataclasses.replace(ds._kept_settings(), kept_groups=kept, row_shards=8)
+  layout = train_step_lib.Layout(params=None, rows=rows)
+  select = lambda *a: train_step_lib.select_groups(*a, settings, layout)
+  single = jax.jit(lambda *a: train_step_lib.select_groups(*a, settings))(batch, rollout, rewards)
+  sharded = jax.jit(select)(*jax.device_put((batch, rollout), rows), rewards)
+  assert sharded.rollout.tokens.sharding.spec == rows.spec
+  assert sharded.rollout.tokens.addressable_shards[0].data.shape == (kept * g // 8, 5)
+  jax.tree.map(np.testing.assert_array_equal, sharded, single)
+  assert 0 < int(single.with_signal.sum()) < sampled  # some groups moved, some did not
+
+
+def test_log_prob_forward_splits_the_rows_not_the_model_width():
+  """Under FSDP each device runs the log-prob forward on its own rows: MLP activations of
+  [rows / 8 * tokens, F]. Left to follow the embedding table's layout (model width over
+  fsdp), every device computed all rows' [rows * tokens, F] as partial sums (the ~9 GiB of
+  the 1.5B TPU step)."""
+  (graphdef, params), _ = demo_params()
+  d, f = (getattr(nnx.merge(graphdef, params).config, k) for k in ("hidden_size",
+                                                                    "intermediate_size"))
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  shardings = mesh_lib.param_shardings(params, mesh)
+  rows = mesh_lib.batch_sharding(mesh)
+  r, t, n = 48, 4, 5
+  prompts, completions = jnp.ones((r, t), jnp.int32), jnp.ones((r, n), jnp.int32)
+
+  def mlp_rows(row_sharding):
+    logps = functools.partial(completion_logps.completion_logps, graphdef, temperature=1.0,
+                              row_sharding=row_sharding)
+    hlo = jax.jit(logps).lower(
+        jax.device_put(params, shardings), *jax.device_put((prompts, prompts, completions,
+                                                            completions), rows)
+    ).compile().as_text()
+    return {int(m) for m in re.findall(rf"\w+\[(\d+),{f}\]", hlo)} - {d}  # d: the weights
+
+  assert max(mlp_rows(rows)) == r // 8 * max(t, n - 1)
+  assert r * (n - 1) in mlp_rows(None)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from grpo_jax import main as main_lib
 from grpo_jax import models
-from grpo_jax import train_step
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax.data import encoding
 from tests import tiny_hf
 from tests.test_train import SMALL_RUN, set_keys, train_records
@@ -33,7 +33,8 @@ def test_gemma_template_takes_the_system_prompt_into_the_user_turn(tmp_path):
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_train_step_logprobs_equal_a_full_forward(tmp_path, family):
   """completion_logps (prompt prefilled into a cache, shared by 2 rows each) equals the
-  log-probs of one forward over prompt + completion, windows sliding over both."""
+  log-probs of one forward over prompt + completion, windows sliding over both; the entropies
+  of the same pass are those of the full logits (Gemma 2: after its final soft cap)."""
   model = models.from_pretrained(tiny_hf.make_checkpoint(family, tmp_path, layers=3))
   rng = np.random.RandomState(0)
   t, n = 6, 9
@@ -42,13 +43,15 @@ def test_train_step_logprobs_equal_a_full_forward(tmp_path, family):
   completion_mask = (np.arange(n)[None] < np.array([[9], [7], [4], [9]])).astype(np.int32)
   completions = rng.randint(5, model.config.vocab_size, (4, n)) * completion_mask
   graphdef, params = nnx.split(model, nnx.Param)
-  got = train_step.completion_logps(graphdef, params, prompts, prompt_mask, completions,
-                                    completion_mask, 1.0)
+  got, entropy = logps_lib.completion_logps_and_entropy(
+      graphdef, params, prompts, prompt_mask, completions, completion_mask, 0.7)
   seq = jnp.concatenate([np.repeat(prompts, 2, 0), completions], axis=1)
   seq_mask = jnp.concatenate([np.repeat(prompt_mask, 2, 0), completion_mask], axis=1)
-  logits = model(seq, seq_mask)[:, t - 1:-1]
-  ref = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), completions[..., None], -1)[..., 0]
+  log_p = jax.nn.log_softmax(model(seq, seq_mask)[:, t - 1:-1] / 0.7, -1)
+  ref = jnp.take_along_axis(log_p, completions[..., None], -1)[..., 0]
   np.testing.assert_allclose(got * completion_mask, ref * completion_mask, atol=1e-5)
+  ref_entropy = -jnp.sum(jnp.exp(log_p) * log_p, -1)
+  np.testing.assert_allclose(entropy * completion_mask, ref_entropy * completion_mask, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])

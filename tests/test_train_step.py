@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from grpo_jax import completion_logps as logps_lib
 from grpo_jax import config as config_lib
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import loss as loss_lib
@@ -67,13 +68,32 @@ def _rollout(share=G) -> train_step_lib.Rollout:
       mask=jnp.asarray(mask), finished=jnp.asarray(lengths < N))
 
 
-def _full_forward_logps(graphdef, params, rollout):
-  """The definition: log softmax(logits / temperature) over prompt + completion, row by row."""
+def _rewards(total, **steps) -> scoring.Rewards:
+  """Rewards [B*G] with one reward function (the total), and step arrays when given."""
+  total = jnp.asarray(total, jnp.float32)
+  return scoring.Rewards(total=total, per_fn=total[None], failures=jnp.int32(0),
+                         seconds=jnp.float32(0.0), **steps)
+
+
+def _full_forward_logits(graphdef, params, rollout):
+  """[R, N, V] the logits that predict the completion tokens, from one forward over prompt +
+  completion, row by row."""
   per_row = lambda x: jnp.repeat(x, rollout.tokens.shape[0] // x.shape[0], axis=0)
   tokens = jnp.concatenate([per_row(rollout.prompt_tokens), rollout.tokens], axis=1)
   mask = jnp.concatenate([per_row(rollout.prompt_mask), rollout.mask], axis=1)
-  logits = nnx.merge(graphdef, params)(tokens, mask)[:, T - 1:-1]
-  return logprobs_lib.token_logprobs(logits, rollout.tokens, temperature=TEMPERATURE)
+  return nnx.merge(graphdef, params)(tokens, mask)[:, T - 1:-1]
+
+
+def _full_forward_logps(graphdef, params, rollout):
+  """The definition: log softmax(logits / temperature) over prompt + completion, row by row."""
+  return logprobs_lib.token_logprobs(_full_forward_logits(graphdef, params, rollout),
+                                     rollout.tokens, temperature=TEMPERATURE)
+
+
+def _full_forward_entropy(graphdef, params, rollout):
+  """The definition: -sum_v p log p of p = softmax(logits / temperature), [R, N]."""
+  log_p = jax.nn.log_softmax(_full_forward_logits(graphdef, params, rollout) / TEMPERATURE, -1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, -1)
 
 
 # -- log-probs with a prompt shared by a block of rows -----------------------------------------
@@ -83,7 +103,7 @@ def _full_forward_logps(graphdef, params, rollout):
 def test_shared_prompt_logps_equal_a_full_forward(share):
   graphdef, params = _model()
   r = _rollout(share)
-  got = train_step_lib.completion_logps(graphdef, params, r.prompt_tokens, r.prompt_mask,
+  got = logps_lib.completion_logps(graphdef, params, r.prompt_tokens, r.prompt_mask,
                                         r.tokens, r.mask, TEMPERATURE)
   want = _full_forward_logps(graphdef, params, r)
   valid = np.asarray(r.mask) == 1
@@ -95,7 +115,7 @@ def test_shared_prompt_gradients_equal_a_full_forward(remat):
   graphdef, params = _model(remat)
   r = _rollout()
   weights = jax.random.normal(jax.random.key(0), r.mask.shape) * r.mask
-  shared = lambda p: jnp.sum(weights * train_step_lib.completion_logps(
+  shared = lambda p: jnp.sum(weights * logps_lib.completion_logps(
       graphdef, p, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask, TEMPERATURE))
   full = lambda p: jnp.sum(weights * _full_forward_logps(graphdef, p, r))
   got, want = jax.jit(jax.grad(shared))(params), jax.jit(jax.grad(full))(params)
@@ -105,7 +125,7 @@ def test_shared_prompt_gradients_equal_a_full_forward(remat):
 @pytest.mark.parametrize("rows, shards, share", [(6, 1, 3), (6, 2, 3), (4, 1, 1), (12, 2, 3),
                                                  (3, 1, 3), (2, 2, 1), (3, 2, 3)])
 def test_prompt_share_divides_groups_and_each_shards_rows(rows, shards, share):
-  assert train_step_lib.prompt_share(G, rows, shards) == share
+  assert logps_lib.prompt_share(G, rows, shards) == share
 
 
 # -- the phases --------------------------------------------------------------------------------
@@ -150,12 +170,12 @@ def test_score_calls_the_reward_callback_with_the_batch_row_ids():
 def test_advantage_masks_truncated_rows_and_drops_groups_without_signal():
   rollout = _rollout()
   rewards = jnp.asarray([1.0, 0.0, 1.0, 2.0, 2.0, 2.0])  # the second group: all equal
-  plain = train_step_lib.advantage(rewards, rollout, _settings().grpo)
+  plain = train_step_lib.advantage(_rewards(rewards), rollout, _settings().grpo)
   np.testing.assert_array_equal(plain.loss_mask, rollout.mask)
   assert plain.zero_std.tolist() == [False, True] and plain.kept.tolist() == [1.0] * 6
   np.testing.assert_allclose(plain.advs[3:], 0.0)
   assert plain.advs[0] > 0 > plain.advs[1]
-  masked = train_step_lib.advantage(rewards, rollout, _settings(
+  masked = train_step_lib.advantage(_rewards(rewards), rollout, _settings(
       mask_truncated_completions=True, drop_zero_std_groups=True).grpo)
   keep = np.array([0, 1, 1, 0, 0, 0])  # rows 0 and 3 never reached EOS; the second group goes
   np.testing.assert_array_equal(masked.loss_mask, np.asarray(rollout.mask) * keep[:, None])
@@ -180,7 +200,7 @@ def test_reference_logps_computes_only_the_passes_the_loss_needs(grpo, passes):
 
 def test_loss_batches_split_whole_groups_and_share_prompts_within_micro_batches():
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.arange(6.0), rollout, _settings().grpo)
+  advs = train_step_lib.advantage(_rewards(jnp.arange(6.0)), rollout, _settings().grpo)
   settings = _settings(minibatches_per_iteration=2)
   batches = train_step_lib.loss_batches(rollout, advs, None, None, settings)
   assert batches.tokens.shape == (2, 1, 3, N) and batches.prompt_tokens.shape == (2, 1, 1, T)
@@ -206,7 +226,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(loss_type):
   rollout = _rollout()
   grpo = dict(loss_type=loss_type, beta=0.04, drop_zero_std_groups=True)
   rewards = jnp.asarray([1.0, 0.0, 3.0, 2.0, 2.0, 2.0])
-  advs = train_step_lib.advantage(rewards, rollout, _settings(**grpo).grpo)
+  advs = train_step_lib.advantage(_rewards(rewards), rollout, _settings(**grpo).grpo)
   graphdef, params = _model()
   ref = _full_forward_logps(graphdef, jax.tree.map(lambda x: x * 1.01, params), rollout)
   whole = _update(_settings(**grpo), rollout, advs, ref=ref)
@@ -220,7 +240,7 @@ def test_accumulated_micro_batches_give_the_minibatch_gradient(loss_type):
 def test_update_loss_is_the_grpo_loss_of_the_minibatch():
   graphdef, params = _model()
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.asarray([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
                                   _settings().grpo)
   _, _, metrics = _update(_settings(loss_type="dr_grpo"), rollout, advs)
   logps = _full_forward_logps(graphdef, params, rollout)
@@ -230,9 +250,44 @@ def test_update_loss_is_the_grpo_loss_of_the_minibatch():
   np.testing.assert_allclose(metrics["clip_ratio/region_mean"][0], aux["clip_ratio/region_mean"])
 
 
+def test_update_measures_the_policys_entropy_over_the_completion_tokens():
+  graphdef, params = _model()
+  rollout = _rollout()
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+                                  _settings(mask_truncated_completions=True).grpo)
+  _, _, metrics = _update(_settings(grad_accum_steps=3), rollout, advs)
+  entropy = np.asarray(_full_forward_entropy(graphdef, params, rollout))
+  valid = np.asarray(rollout.mask) == 1  # every sampled token, truncated rows too
+  np.testing.assert_allclose(metrics["entropy_sum"][0] / metrics["entropy_tokens"][0],
+                             entropy[valid].mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_top_entropy_quantile_keeps_the_policy_term_of_each_micro_batchs_top_tokens(accum):
+  graphdef, params = _model()
+  rollout = _rollout()
+  grpo = dict(loss_type="dapo", beta=0.04, grad_accum_steps=accum)
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+                                  _settings(**grpo).grpo)
+  ref = _full_forward_logps(graphdef, jax.tree.map(lambda x: x * 1.01, params), rollout)
+  _, _, masked = _update(_settings(top_entropy_quantile=0.5, **grpo), rollout, advs, ref=ref)
+  _, _, plain = _update(_settings(**grpo), rollout, advs, ref=ref)
+  logps = _full_forward_logps(graphdef, params, rollout)
+  entropy = _full_forward_entropy(graphdef, params, rollout)
+  want = 0.0
+  for rows in np.split(np.arange(B * G), accum):  # each micro-batch takes its own quantile
+    policy_mask = loss_lib.high_entropy_mask(entropy[rows], advs.loss_mask[rows], 0.5)
+    want += loss_lib.grpo_loss(
+        logps[rows], None, ref[rows], advs.advs[rows], advs.loss_mask[rows], beta=0.04,
+        loss_type="dapo", num_items_in_batch=advs.loss_mask.sum(), policy_mask=policy_mask)[0]
+  np.testing.assert_allclose(masked["loss"][0], want, rtol=1e-5, atol=1e-7)
+  assert abs(float(masked["loss"][0] - plain["loss"][0])) > 1e-4
+  np.testing.assert_allclose(masked["kl"][0], plain["kl"][0], rtol=1e-6)  # KL: every token
+
+
 def test_minibatches_update_one_after_another_and_iterations_repeat_them():
   rollout = _rollout()
-  advs = train_step_lib.advantage(jnp.asarray([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
+  advs = train_step_lib.advantage(_rewards([1.0, 0.0, 3.0, 2.0, 5.0, 2.0]), rollout,
                                   _settings().grpo)
   graphdef, params = _model()
   old = _full_forward_logps(graphdef, params, rollout)

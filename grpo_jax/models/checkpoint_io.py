@@ -161,16 +161,17 @@ def fresh_adapters(config: ModelConfig, seed: int) -> nnx.State:
 
 
 def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *,
-                    param_dtype: str | None = None, remat: bool = False,
+                    param_dtype: str | None = None, remat: bool = False, attention: str = "xla",
                     lora: LoRASpec | None = None, seed: int = 0) -> Transformer:
-  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in dtype.
+  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
+  dtype, attention by the implementation `attention` (models/attention.py).
 
   lora: adds fresh adapters (drawn with `seed`) over the checkpoint's weights, which then are
   stored as lora.base_dtype says.
   """
   path = pathlib.Path(path)
   config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
-                               remat=remat, lora=lora)
+                               remat=remat, attention=attention, lora=lora)
   files = _by_causal_lm_name(_tensor_files(path))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   weights = list(_weights(model))

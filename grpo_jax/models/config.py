@@ -8,12 +8,13 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from grpo_jax.config import ATTENTION, DTYPES
 from grpo_jax.errors import UserError
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 QK_NORM_FAMILIES = ("qwen3", "gemma3_text")
-DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ATTENTION[1:]  # what models/attention.resolve turns "auto" into
 FULL, SLIDING = "full_attention", "sliding_attention"  # layer types, as HF names them
 ROPE_SCALING_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -109,6 +110,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"  # of the trained parameters: all of them, or the LoRA adapters
   remat: bool = False
+  attention: str = "xla"  # the implementation (attention.py): xla | blockwise | splash | cudnn
   lora: LoRASpec | None = None  # None: every weight is trained
 
   def __post_init__(self):
@@ -117,6 +119,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"model {name} {getattr(self, name)!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise UserError(f"model attention {self.attention!r} is not allowed; allowed: "
+                      f"{', '.join(ATTENTION_IMPLS)}")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if self.head_dim % 2:
@@ -196,11 +201,12 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
-              remat: bool = False, lora: LoRASpec | None = None) -> ModelConfig:
+              remat: bool = False, attention: str = "xla",
+              lora: LoRASpec | None = None) -> ModelConfig:
     """Reads a HF config.json dict (hf_config.py says which layouts and fields)."""
     from grpo_jax.models import hf_config  # pylint: disable=g-import-not-at-top
     return cls(**hf_config.read(hf), dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-               lora=lora)
+               attention=attention, lora=lora)
 
   def to_hf(self) -> dict[str, Any]:
     """The config.json dict in the layout transformers 5 writes (rope_parameters, layer_types)."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax import logprobs as logprobs_lib
+from grpo_jax.models import attention as attention_lib
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models import quantize
 from grpo_jax.models.config import FULL, SLIDING, ModelConfig
@@ -24,7 +25,6 @@ from grpo_jax.models.kv_cache import KVCache
 from grpo_jax.models.rope import apply_rope, rope_angles
 
 _INIT_STD = 0.02
-_MASKED = -1e30  # score of a masked key; a row with every key masked stays finite
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -84,25 +84,6 @@ def _norm(config: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> RMSNorm:
                  rngs=rngs)
 
 
-def _attend(q_bthk: jax.Array, k_bhsk: jax.Array, v_bhsk: jax.Array, mask_bts: jax.Array, *,
-            scale: float, soft_cap: float | None) -> jax.Array:
-  """softmax(cap(q k^T * scale) + mask) v with grouped kv heads; scores and softmax in float32.
-
-  cap is s -> soft_cap * tanh(s / soft_cap) (Gemma 2), or nothing when soft_cap is None.
-  Keys and values come heads first, [B, Hkv, S, K] (the cache's layout), and the queries are
-  put the same way, so that both matmuls are plain batched ones over (B, Hkv).
-  """
-  b, t, h, k_dim = q_bthk.shape
-  hkv = k_bhsk.shape[1]
-  q = q_bthk.reshape(b, t, hkv, h // hkv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, R, T, K]
-  scores = jnp.einsum("bhrtk,bhsk->bhrts", q, k_bhsk, preferred_element_type=jnp.float32)
-  scores = logprobs_lib.soft_cap(scores * scale, soft_cap)
-  scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bhsk.dtype)
-  out = jnp.einsum("bhrts,bhsk->bhrtk", probs, v_bhsk)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE; optional q/k/v bias, o bias and per-head q/k RMSNorm."""
 
@@ -132,6 +113,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.scale = config.attention_scale
     self.soft_cap = config.attn_logit_softcap
+    self.impl = config.attention
 
   def _project(self, x_btd: jax.Array, w: Weight, bias: nnx.Param | None,
                adapter: lora_lib.LoRA | None, dropout_key: jax.Array | None) -> jax.Array:
@@ -142,9 +124,14 @@ class Attention(nnx.Module):
       y = y + bias[...].astype(cd)
     return y if adapter is None else y + adapter(x_btd, dropout_key)
 
-  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
+  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, key_valid_bs: jax.Array,
                cache: KVCache | None, layer: int, cache_index: jax.Array | int,
-               dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               window: int | None, dropout_key: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Attention of x's T tokens at slots cache_index.. over the key_valid_bs [B, S] slots
+    (window: a sliding layer's W). A traced cache_index is a decode step: its attention
+    reads only the cache's filled blocks (attention.decode_attend). dropout_key: LoRA
+    dropout (the training forward); None: none."""
     key = lambda i: lora_lib.fold(dropout_key, i)
     q = self._project(x_btd, self.q, self.q_bias, self.q_lora, key(0))
     k = self._project(x_btd, self.k, self.k_bias, self.k_lora, key(1))
@@ -161,7 +148,12 @@ class Attention(nnx.Module):
 
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
       k, v = cache.k[layer], cache.v[layer]
-    out = _attend(q, k, v, mask_bts, scale=self.scale, soft_cap=self.soft_cap)
+    options = dict(key_valid_bs=key_valid_bs, query_offset=cache_index, scale=self.scale,
+                   window=window, soft_cap=self.soft_cap)
+    if cache is not None and not isinstance(cache_index, int):
+      out = attention_lib.decode_attend(q, k, v, **options)
+    else:
+      out = attention_lib.attend(q, k, v, impl=self.impl, **options)
     y = jnp.einsum("bthk,hkd->btd", out, quantize.weight(self.o, out.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
@@ -213,9 +205,10 @@ class Block(nnx.Module):
     self.post_attn_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
     self.post_mlp_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
 
-  def __call__(self, x_btd, cos, sin, mask_bts, cache, layer, cache_index, dropout_key=None):
-    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, cache, layer, cache_index,
-                         lora_lib.fold(dropout_key, 0))
+  def __call__(self, x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window,
+               dropout_key=None):
+    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, key_valid_bs, cache, layer, cache_index,
+                         window, lora_lib.fold(dropout_key, 0))
     if self.post_attn_norm is not None:
       y = self.post_attn_norm(y)
     x_btd = x_btd + y
@@ -225,12 +218,14 @@ class Block(nnx.Module):
     return x_btd + y, cache
 
 
-def _run_block(block: Block, x_btd, cos, sin, mask_bts, cache, cache_index, layer: int,
-               dropout_key=None):
-  return block(x_btd, cos, sin, mask_bts, cache, layer, cache_index, dropout_key)
+def _run_block(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
+               cache_index: jax.Array | int, window: int | None, dropout_key=None):
+  return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window, dropout_key)
 
 
-_run_block_remat = nnx.remat(_run_block, static_argnums=(7,))
+# Layer, cache index (an int wherever there is a backward pass) and window stay static, so
+# that the attention kernels see a static query offset.
+_run_block_remat = nnx.remat(_run_block, static_argnums=(6, 7, 8))
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
@@ -260,6 +255,7 @@ class Transformer(nnx.Module):
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
              cache: KVCache | None = None, cache_index: jax.Array | int = 0,
              remat: bool | None = None,
+             activation_sharding=None,
              dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
@@ -270,35 +266,37 @@ class Transformer(nnx.Module):
     remat: rematerialise each block in the backward pass; None means config.remat without a
     cache and no remat with one (decoding has no backward pass, and nnx.remat cannot run
     inside the sampler's while_loop).
+    activation_sharding: the sharding of the [B, T, D] activations (rows over the batch axes),
+    kept after the embedding and every block. Without it, under FSDP the activations follow
+    the embedding table's layout (model width over fsdp), and every device computes every
+    row's MLP as partial sums ([B * T, F] per device instead of [B * T / devices, F]).
     dropout_key: LoRA dropout (the training forward); None: none.
     """
+    constrain = (lambda y: y) if activation_sharding is None else (
+        lambda y: jax.lax.with_sharding_constraint(y, activation_sharding))
     config = self.config
     x = jnp.take(self.embed[...], tokens, axis=0, mode="clip")  # [B, T, D]
     if config.is_gemma:  # sqrt(D) in the parameter dtype, as transformers rounds it
       x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
-    x = x.astype(config.compute_dtype)
+    x = constrain(x.astype(config.compute_dtype))
     rope = {FULL: rope_angles(config, positions)}
     rope[SLIDING] = rope[FULL] if config.rope_local_theta is None else rope_angles(
         config, positions, local=True)
     key_valid = attention_mask.astype(jnp.bool_)  # [B, S]
     if cache is not None:
-      cache_index = jnp.asarray(cache_index, jnp.int32)
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (jnp.int32(0), cache_index))
+      if not isinstance(cache_index, int):
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (0, cache_index))
       cache = cache.replace(valid=key_valid)
-    query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
-    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
-    causal_1ts = key_slots[None, None, :] <= query_slots[None, :, None]
-    masks = {FULL: causal_1ts & key_valid[:, None, :]}  # [B, T, S]
-    if config.sliding_window is not None:
-      window_1ts = key_slots[None, None, :] > query_slots[None, :, None] - config.sliding_window
-      masks[SLIDING] = masks[FULL] & window_1ts
+    windows = {FULL: None, SLIDING: config.sliding_window}
     if remat is None:
       remat = config.remat and cache is None
     run = _run_block_remat if remat else _run_block
     for layer, block in enumerate(self.layers):
       kind = config.layer_type(layer)
-      x, cache = run(block, x, *rope[kind], masks[kind], cache, cache_index, layer,
+      x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind],
                      lora_lib.fold(dropout_key, layer))
+      x = constrain(x)
     return self.final_norm(x), cache
 
   def unembed(self) -> jax.Array:
@@ -320,6 +318,17 @@ class Transformer(nnx.Module):
     """log softmax(logits(h) / temperature)[targets] [B, T] float32, never holding [B, T, V]
     logits (logprobs.chunked_token_logprobs with this model's output projection and cap)."""
     return logprobs_lib.chunked_token_logprobs(
+        h_btd, self.unembed(), targets_bt, temperature=temperature,
+        soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
+
+  def token_logprobs_and_entropy(self, h_btd: jax.Array, targets_bt: jax.Array, *,
+                                 temperature: float = 1.0,
+                                 chunk_size: int = logprobs_lib.DEFAULT_CHUNK_SIZE
+                                 ) -> tuple[jax.Array, jax.Array]:
+    """token_logprobs, and the entropy [B, T] float32 (under stop_gradient) of
+    softmax(logits(h) / temperature) at each position, from the same logit chunks
+    (logprobs.chunked_token_logprobs_and_entropy)."""
+    return logprobs_lib.chunked_token_logprobs_and_entropy(
         h_btd, self.unembed(), targets_bt, temperature=temperature,
         soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
 

@@ -11,6 +11,9 @@ keeps the process from exiting, and an exception is raised inside it to stop it;
 takes effect at its next Python bytecode, so a thread stuck in C code keeps running
 until the C call returns, and whatever it returns then is dropped.
 
+A function may also score most completions and report the others it could not score
+(`report_failures`, e.g. when a checker process died): they count in `num_failed` too.
+
 Step reward functions (process supervision, `compute_steps`) run under the same rules;
 for each completion they return (end, reward) pairs or None, and a completion whose
 pairs are malformed gets no steps from that function (counted in `num_failed`).
@@ -37,6 +40,7 @@ from grpo_jax.errors import UserError
 _LOG = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+_reported = threading.local()  # .count: failures the running function reported
 _F32_MAX = float(np.finfo(np.float32).max)
 _FAILED = object()  # what a function that raised or timed out returned
 
@@ -53,7 +57,8 @@ class RewardSpec:
 class RewardResult:
   """total: [n] float32, the weighted sum over functions, skipping NaN (as TRL does);
   per_fn: name -> [n] float32, NaN where there is no score; num_failed: completions
-  times functions that raised, timed out or returned a wrong value."""
+  times functions that raised, timed out or returned a wrong value, plus the completions
+  functions reported unscored (report_failures)."""
   total: np.ndarray
   per_fn: dict[str, np.ndarray]
   num_failed: int
@@ -72,6 +77,13 @@ class _Abandoned(BaseException):
   """Raised inside a reward thread that missed its deadline, to stop it."""
 
 
+def report_failures(count: int) -> None:
+  """Counts `count` completions the calling reward function could not score (it gives them
+  NaN or None) in `num_failed`. Does nothing outside `compute`."""
+  if hasattr(_reported, "count"):
+    _reported.count += count
+
+
 class _Call:
   """`fn()` running in a daemon thread."""
 
@@ -79,13 +91,16 @@ class _Call:
     self.done = threading.Event()
     self.value: Any = None
     self.error: BaseException | None = None
+    self.reported = 0  # failures fn reported (report_failures)
     self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
                                     name=f"reward:{name}")
     self._thread.start()
 
   def _run(self, fn: Callable[[], Any]) -> None:
+    _reported.count = 0
     try:
       self.value = fn()
+      self.reported = _reported.count
     except _Abandoned:
       pass
     except BaseException as e:  # pylint: disable=broad-except
@@ -174,8 +189,8 @@ def _run(specs: Sequence[RewardSpec], prompts: Sequence[str], completions: Seque
          columns: dict[str, Any], timeout_s: float) -> list[Any]:
   """Calls every function on the batch, each in its own thread, under one deadline.
 
-  Returns, per spec, what it returned, or _FAILED (warned) when it raised or missed the
-  deadline. Re-raises a UserError.
+  Returns, per spec, (what it returned, or _FAILED (warned) when it raised or missed the
+  deadline; the failures it reported). Re-raises a UserError.
   """
   if len(prompts) != len(completions):
     raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
@@ -192,14 +207,14 @@ def _run(specs: Sequence[RewardSpec], prompts: Sequence[str], completions: Seque
     if not call.done.wait(max(0.0, deadline - time.monotonic())):
       call.abandon()
       _warn_once(spec.name, "timeout", f"did not finish within {timeout_s:g} s")
-      values.append(_FAILED)
+      values.append((_FAILED, 0))
     elif isinstance(call.error, UserError):
       raise call.error
     elif call.error is not None:
       _warn_once(spec.name, "raised", f"raised {call.error!r}")
-      values.append(_FAILED)
+      values.append((_FAILED, 0))
     else:
-      values.append(call.value)
+      values.append((call.value, call.reported))
   return values
 
 
@@ -214,11 +229,13 @@ def compute(specs: Sequence[RewardSpec], prompts: Sequence[str],
   n = len(completions)
   per_fn: dict[str, np.ndarray] = {}
   num_failed = 0
-  for spec, value in zip(specs, _run(specs, prompts, completions, columns, timeout_s)):
+  for spec, (value, reported) in zip(specs, _run(specs, prompts, completions, columns,
+                                                 timeout_s)):
     if value is _FAILED:
       scores, failed = np.full((n,), np.nan, np.float32), n
     else:
       scores, failed = _scores(spec.name, value, n)
+      failed = min(n, failed + reported)
     per_fn[spec.name] = scores
     num_failed += failed
   weights = np.asarray([spec.weight for spec in specs], np.float32)
@@ -242,11 +259,13 @@ def compute_steps(specs: Sequence[RewardSpec], prompts: Sequence[str],
   n = len(completions)
   merged: list[dict[int, list[float]] | None] = [None] * n
   num_failed = 0
-  for spec, value in zip(specs, _run(specs, prompts, completions, columns, timeout_s)):
+  for spec, (value, reported) in zip(specs, _run(specs, prompts, completions, columns,
+                                                 timeout_s)):
     value = None if value is _FAILED else _per_completion(spec.name, value, n)
     if value is None:
       num_failed += n
       continue
+    num_failed += reported
     for i, (item, text) in enumerate(zip(value, completions)):
       if item is None:
         continue
