@@ -30,6 +30,9 @@ ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.
 LR_SCHEDULES = ("cosine", "constant")
 SOURCE_PREFIXES = ("synthetic:", "jsonl:", "tfds:")
 MESH_AXES = ("data", "fsdp", "tensor")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_BASE_DTYPES = DTYPES + ("int8", "nf4")
+LORA_SFT_TRAINS = ("adapters", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,24 @@ class DemoModelCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRACfg:
+  """LoRA / QLoRA: train low-rank adapters over a frozen base instead of every weight."""
+  rank: int = 0  # r; 0 = off (every weight is trained)
+  alpha: Optional[float] = None  # adapters scaled by alpha / rank; None: rank (scale 1)
+  dropout: float = 0.0  # on the adapters' input, in the training forward
+  targets: str = ",".join(LORA_TARGETS)  # comma-separated PEFT target_modules names
+  base_dtype: Optional[str] = None  # float32 | bfloat16 | int8 | nf4 (QLoRA); None: model.dtype
+  init_from: str = ""  # a PEFT adapter dir to start from; "" = fresh adapters
+  # What SFT trains: the adapters, or every weight of a float base (which then is GRPO's
+  # frozen base and pi_ref, kept in the checkpoints of a warm-started run).
+  sft_trains: str = "adapters"  # adapters | weights
+
+  @property
+  def target_names(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelCfg:
   path: str = ""  # Hugging Face checkpoint dir; "" = the built-in demo model.
   dtype: str = "float32"  # compute dtype
@@ -50,6 +71,7 @@ class ModelCfg:
   remat: bool = False  # rematerialise each block in the backward pass
   attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
+  lora: LoRACfg = LoRACfg()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +318,8 @@ _ENUMS = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.attention": ATTENTION,
+    "model.lora.base_dtype": LORA_BASE_DTYPES,
+    "model.lora.sft_trains": LORA_SFT_TRAINS,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALE_REWARDS,
     "grpo.supervision": SUPERVISIONS,
@@ -309,6 +333,9 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "model.demo.num_layers": (1, ""),
     "model.demo.num_heads": (1, ""),
     "model.demo.num_kv_heads": (1, ""),
+    "model.lora.rank": (0, "off"),
+    "model.lora.alpha": (0, ""),
+    "model.lora.dropout": (0, ""),
     "data.prompts_per_step": (1, ""),
     "data.max_prompt_len": (1, ""),
     "data.num_eval_rows": (0, ""),
@@ -400,11 +427,27 @@ def _validate(c: Config) -> None:
          "grpo.minibatches_per_iteration", g.minibatches_per_iteration,
          f"a divisor of data.prompts_per_step={c.data.prompts_per_step} "
          "(whole groups per minibatch)")
+  _validate_lora(c.model.lora)
   demo = c.model.demo
   _check(demo.hidden_size % demo.num_heads == 0, "model.demo.hidden_size",
          demo.hidden_size, f"a multiple of model.demo.num_heads={demo.num_heads}")
   _check(demo.num_heads % demo.num_kv_heads == 0, "model.demo.num_heads",
          demo.num_heads, f"a multiple of model.demo.num_kv_heads={demo.num_kv_heads}")
+
+
+def _validate_lora(lora: LoRACfg) -> None:
+  targets = lora.target_names
+  _check(bool(targets) and not set(targets) - set(LORA_TARGETS), "model.lora.targets",
+         lora.targets, "a comma-separated list among " + ",".join(LORA_TARGETS))
+  _check(lora.dropout < 1, "model.lora.dropout", lora.dropout, "0 <= dropout < 1")
+  _check(lora.sft_trains == "adapters" or lora.base_dtype in DTYPES, "model.lora.sft_trains",
+         lora.sft_trains, f"adapters with model.lora.base_dtype={lora.base_dtype!r} (SFT "
+         "cannot train a quantized base)")
+  if lora.rank == 0:
+    _check(lora.base_dtype in DTYPES, "model.lora.base_dtype", lora.base_dtype,
+           "int8 and nf4 quantize the frozen base of a LoRA run: set model.lora.rank > 0")
+    _check(not lora.init_from, "model.lora.init_from", lora.init_from,
+           "a PEFT adapter dir starts LoRA adapters: set model.lora.rank > 0")
 
 
 def _check_batch_layout(c: Config) -> None:
@@ -446,8 +489,11 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
   g, e = c.grpo, c.eval
   c = dataclasses.replace(
       c,
-      model=dataclasses.replace(c.model, param_dtype=_or(c.model.param_dtype,
-                                                         c.model.dtype)),
+      model=dataclasses.replace(
+          c.model, param_dtype=_or(c.model.param_dtype, c.model.dtype),
+          lora=dataclasses.replace(c.model.lora, alpha=_or(c.model.lora.alpha,
+                                                           float(c.model.lora.rank)),
+                                   base_dtype=_or(c.model.lora.base_dtype, c.model.dtype))),
       grpo=dataclasses.replace(g, epsilon_high=_or(g.epsilon_high, g.epsilon_low)),
       eval=dataclasses.replace(
           e, temperature=_or(e.temperature, c.sampler.temperature),
