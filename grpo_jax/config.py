@@ -12,13 +12,11 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import types
-import typing
 from typing import Any, Mapping, Optional
 
 import ml_collections
-from ml_collections import config_dict
 
+from grpo_jax import typed_config
 from grpo_jax.errors import UserError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -213,85 +211,9 @@ class Config:
     return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
-def _optional_base(hint: Any) -> Any:
-  """X for Optional[X], else None."""
-  if typing.get_origin(hint) in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0]
-  return None
-
-
-def _to_config_dict(instance: Any) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  hints = typing.get_type_hints(type(instance))
-  for f in dataclasses.fields(instance):
-    value = getattr(instance, f.name)
-    base = _optional_base(hints[f.name])
-    if dataclasses.is_dataclass(value):
-      cfg[f.name] = _to_config_dict(value)
-    elif value is None and base is not None:
-      cfg[f.name] = config_dict.placeholder(base)
-    else:
-      cfg[f.name] = value
-  return cfg
-
-
 def defaults() -> ml_collections.ConfigDict:
   """Every config key with its default value; config files start from this."""
-  return _to_config_dict(Config())
-
-
-def _type_name(hint: Any) -> str:
-  base = _optional_base(hint)
-  if base is not None:
-    return f"{_type_name(base)} or None"
-  if typing.get_origin(hint) is tuple:
-    return "a tuple of ints"
-  return hint.__name__
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-  """Checks `value` against the type hint; ints are accepted where floats are."""
-  base = _optional_base(hint)
-  if base is not None and value is None:
-    return None
-  expected = hint if base is None else base
-  if expected is float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    value = float(value) if ok else value
-  elif expected is int:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-  elif typing.get_origin(expected) is tuple:
-    ok = isinstance(value, (tuple, list)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
-    value = tuple(value) if ok else value
-  else:
-    ok = isinstance(value, expected)
-  if not ok:
-    raise UserError(f"config key {key}={value!r}: expected {_type_name(hint)}, "
-                    f"got {type(value).__name__}")
-  return value
-
-
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-  """Builds dataclass `cls` from nested `values`; absent keys take their defaults."""
-  hints = typing.get_type_hints(cls)
-  for name in values:
-    if name not in hints:
-      raise unknown_key_error(prefix + name)
-  kwargs = {}
-  for name, hint in hints.items():
-    if name not in values:
-      continue
-    key, value = prefix + name, values[name]
-    if dataclasses.is_dataclass(hint):
-      if not isinstance(value, Mapping):
-        raise UserError(f"config key {key}={value!r}: expected a section with keys "
-                        f"{', '.join(k for k, _ in _flat_items(hint()))}")
-      kwargs[name] = _build(hint, value, key + ".")
-    else:
-      kwargs[name] = _coerce(key, value, hint)
-  return cls(**kwargs)
+  return typed_config.to_config_dict(Config())
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -485,7 +407,7 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
     import jax  # pylint: disable=g-import-not-at-top
     num_devices = jax.device_count()
   values = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
-  c = _build(Config, values, "")
+  c = typed_config.build(Config, values, "", unknown_key_error)
   g, e = c.grpo, c.eval
   c = dataclasses.replace(
       c,
@@ -506,20 +428,9 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
   return c
 
 
-def _flat_items(instance: Any, prefix: str = "") -> list[tuple[str, Any]]:
-  items = []
-  for f in dataclasses.fields(instance):
-    value = getattr(instance, f.name)
-    if dataclasses.is_dataclass(value):
-      items += _flat_items(value, f"{prefix}{f.name}.")
-    else:
-      items.append((prefix + f.name, value))
-  return items
-
-
 def keys() -> list[str]:
   """Every config key, dotted as on the command line ("grpo.beta")."""
-  return [k for k, _ in _flat_items(Config())]
+  return [k for k, _ in typed_config.flat_items(Config())]
 
 
 def is_key(key: str) -> bool:
@@ -536,7 +447,7 @@ def unknown_key_error(key: str) -> UserError:
 
 def describe(c: Config) -> str:
   """One `key = value` line per config key, in section order."""
-  return "\n".join(f"{k} = {v!r}" for k, v in _flat_items(c))
+  return "\n".join(f"{k} = {v!r}" for k, v in typed_config.flat_items(c))
 
 
 def digest(c: Config) -> str:
