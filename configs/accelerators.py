@@ -1,18 +1,30 @@
 """What the accelerator configs (tpu_v4.py, tpu_v5e.py, tpu_v6e.py, gpu.py) share.
 
-Each takes configs/hf.py's arguments, optionally led by a model size:
+Each takes configs/hf.py's arguments, optionally led by a model size and "lora":
 
   --config=configs/tpu_v4.py:model=DIR,data=FILE.jsonl       # a Qwen2.5-1.5B-class model
   --config=configs/tpu_v4.py:7b,model=DIR,data=FILE.jsonl    # a Qwen2.5-7B-class model
-  --config=configs/tpu_v5e.py:0.5b,model=DIR,data=FILE.jsonl # a Qwen2.5-0.5B-class one (TPU)
+  --config=configs/tpu_v5e.py:0.5b,model=DIR,data=FILE.jsonl  # a Qwen2.5-0.5B-class one (TPU)
+  --config=configs/tpu_v5e.py:7b,lora,model=DIR,data=FILE.jsonl   # LoRA rank 64 on it
 
 What each needs per chip is the compiler's word, not arithmetic: every config's comment gives
 the peak that `python -m grpo_jax.aot --config=... --topology=SLICE` reported for its slice
-(README "Will it fit?"), with the date and versions; run it for another slice or another
-setting before a run. What the memory holds, for P parameters with float32 master weights:
-the train state, 16P bytes (params, AdamW's two moments, the reference params) split over
-every chip, and during the update about 8P of gradients; sampling gathers the weights in
-bfloat16 (2P, split by tensor only) and a KV cache of S = T + N = 1024 slots a row.
+(README "Will it fit?"), with the date and versions, or says that it has not been compiled
+yet; run it for another slice or another setting before a run. What the memory holds, for P
+parameters with float32 master weights: the train state, 16P bytes (params, AdamW's two
+moments, the reference params) split over every chip, and during the update about 8P of
+gradients; sampling gathers the weights in bfloat16 (2P, split by tensor only) and a KV cache
+of S = T + N = 1024 slots a row.
+
+"lora": rank-64 adapters on q, k, v, o, gate, up, down over a frozen bfloat16 base (LORA
+below). Estimates by arithmetic, not yet checked by the compiler:
+  base 2P bytes (7B: 15.2 GB; Llama-3.1-8B, P = 8.03e9: 16.1 GB), split like the params;
+  adapters A = r (in + out) per projection, 2.1% of P (7B: 161.5M; 8B: 167.8M), float32 with
+    AdamW's moments: 12A bytes (7B: 1.9 GB; 8B: 2.0 GB), and during the update their gradients
+    and accumulator 8A (1.3 GB); no reference copy: pi_ref is the base with the adapters off;
+  rollout: the base gathered in bfloat16 (2P / tensor) and the adapters merged into a copy of
+    it (another 2P / tensor where XLA does not write it in place);
+  KV cache (8B, 8 kv heads) 134 MB per row of S = 1024.
 """
 
 import ml_collections
@@ -21,24 +33,29 @@ from configs import hf
 from grpo_jax.errors import UserError
 
 DEFAULT_SIZE = "1.5b"
+LORA = dict(rank=64, alpha=64.0, base_dtype="bfloat16", learning_rate=1e-5)
 
 
-def split_size(arg: str | None, sizes: tuple[str, ...]) -> tuple[str, str]:
-  """(one of sizes, default 1.5b; the k=v items for hf.parse_arg) from "[size,]k=v,k=v"."""
+def split_size(arg: str | None, sizes: tuple[str, ...]) -> tuple[str, bool, str]:
+  """(one of sizes, default 1.5b; whether "lora" is given; the k=v items for hf.parse_arg)
+  from "[size,][lora,]k=v,k=v"."""
   items = [item.strip() for item in (arg or "").split(",") if item.strip()]
-  named = [item for item in items if "=" not in item]
-  if len(named) > 1 or (named and named[0] not in sizes):
-    raise UserError(f"config argument {','.join(named)!r} is not allowed: at most one model "
-                    f"size ({' | '.join(sizes)}) before model=DIR,data=FILE.jsonl")
-  return (named[0] if named else DEFAULT_SIZE), ",".join(i for i in items if "=" in i)
+  flags = [item for item in items if "=" not in item]
+  named = [item for item in flags if item != "lora"]
+  if len(named) > 1 or (named and named[0] not in sizes) or flags.count("lora") > 1:
+    raise UserError(f"config argument {','.join(flags)!r} is not allowed: at most one model "
+                    f"size ({' | '.join(sizes)}) and \"lora\" before model=DIR,data=FILE.jsonl")
+  return ((named[0] if named else DEFAULT_SIZE), "lora" in flags,
+          ",".join(i for i in items if "=" in i))
 
 
 def make_config(arg: str | None, *, prompts_per_step: int,
                 mesh_shape: dict[str, tuple[int, int, int]],
                 grad_accum_steps: dict[str, int]) -> tuple[str, ml_collections.ConfigDict]:
   """(size, configs/hf.py's config with the sequence lengths above, B and the size's
-  mesh.shape and gradient accumulation); the sizes are mesh_shape's keys."""
-  size, rest = split_size(arg, tuple(mesh_shape))
+  mesh.shape and gradient accumulation, the sizes being mesh_shape's keys; with "lora",
+  LORA's adapters and rate)."""
+  size, lora, rest = split_size(arg, tuple(mesh_shape))
   cfg = hf.get_config(rest)
   cfg.data.prompts_per_step = prompts_per_step  # B
   cfg.data.max_prompt_len = 256  # T
@@ -46,6 +63,11 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   cfg.grpo.num_generations = 8  # G
   cfg.mesh.shape = mesh_shape[size]
   cfg.train.grad_accum_steps = grad_accum_steps[size]
+  if lora:
+    cfg.model.lora.rank = LORA["rank"]
+    cfg.model.lora.alpha = LORA["alpha"]
+    cfg.model.lora.base_dtype = LORA["base_dtype"]
+    cfg.train.learning_rate = LORA["learning_rate"]
   return size, cfg
 
 

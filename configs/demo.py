@@ -15,6 +15,12 @@ at the end, and workdir/progress.png plots reward and pass@1 over steps.
 The variant `configs/demo.py:process` is the same run with process supervision
 (DeepSeekMath 4.1.3): each line of the worked solution and the final answer is a step with a
 reward of its own (`arithmetic_steps`), in place of the outcome rewards.
+
+The LoRA variant: the cold-start SFT trains every weight (it plays the pretraining a real base
+model had), then GRPO trains rank-16 adapters on every projection over that frozen base, which
+is also pi_ref (README "LoRA"); the adapters take a higher learning rate:
+
+  python -m grpo_jax.main --config=configs/demo.py:lora --workdir=runs/demo_lora
 """
 
 import ml_collections
@@ -22,11 +28,11 @@ import ml_collections
 from grpo_jax import config
 from grpo_jax.errors import UserError
 
-VARIANTS = ("process",)
+VARIANTS = ("process", "lora")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The demo's config; arg "process" for the process-supervision variant."""
+  """The demo's config; arg "process" or "lora" for those variants."""
   if arg and arg not in VARIANTS:
     raise UserError(f"configs/demo.py:{arg}: no such variant; allowed: configs/demo.py or "
                     + " or ".join(f"configs/demo.py:{v}" for v in VARIANTS))
@@ -57,4 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "process":
     cfg.grpo.supervision = "process"
     cfg.step_rewards = "arithmetic_steps"
+  if arg == "lora":
+    cfg.model.lora.rank = 16
+    cfg.model.lora.alpha = 32.0
+    cfg.model.lora.sft_trains = "weights"
+    cfg.train.learning_rate = 1e-3
   return cfg

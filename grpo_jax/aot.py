@@ -234,13 +234,16 @@ class Plan:
   def _sft_program(self):
 
     tx, _ = optimizer_lib.for_sft(self.cfg)
+    split = sft_lib.trainable_split(self.cfg)
     params = self.state.params
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_state = _abstract(opt_state, mesh_lib.opt_state_shardings(tx, opt_state,
-                                                                  self.setup.layout.params))
+    trainable = jax.eval_shape(lambda p: split(p)[0], params)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    opt_state = _abstract(opt_state, mesh_lib.opt_state_shardings(
+        tx, opt_state, split(self.setup.layout.params)[0]))
     tokens = self.replicated((self.cfg.sft.batch_size, self.cfg.sft.max_len), jnp.int32)
-    return ("sft_step", sft_lib.make_sft_step(self.setup.graphdef, tx),
-            (params, opt_state, tokens, tokens, tokens), {})
+    key = self.replicated((2,), jnp.uint32)
+    return ("sft_step", sft_lib.make_sft_step(self.setup.graphdef, tx, split),
+            (params, opt_state, tokens, tokens, tokens, key), {})
 
   # -- the phases of one step, for the roofline ------------------------------------------------
 
@@ -380,7 +383,9 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
                 for name, jitted, args, static in plan.programs()]
     line = aot_report.error_line(target, hbm, headroom, programs)
     costed = next(p for p in programs if p.name == "train_step").flops is not None
-    roof = plan.roofline(dump) if with_roofline and costed and line is None else None
+    lora = cfg.model.lora.rank > 0  # its rollout merges the adapters: not in decode_program
+    roof = (plan.roofline(dump) if with_roofline and costed and not lora and line is None
+            else None)
   out = aot_report.report(target, hbm, headroom, programs, roof)
   out["model"] = {"path": cfg.model.path or "demo", "params": _param_count(setup),
                   "layers": mc.num_layers, "hidden_size": mc.hidden_size,
@@ -393,7 +398,7 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
   if roof is None:
     out["notes"].append("no roofline estimate: " + (
         "--noroofline" if not with_roofline else "a program does not fit" if line
-        else "the compiler gives no cost analysis here"))
+        else "not yet for LoRA" if lora else "the compiler gives no cost analysis here"))
   print(aot_report.format_report(out))
   if out_path:
     with open(out_path, "w") as f:

@@ -4,6 +4,7 @@
   python -m grpo_jax.bench --what=trl [--trl_venv=DIR | --trl_python=PYTHON]
   python -m grpo_jax.bench --what=scaling [--sweep_g=4,8,16 --sweep_n=32,64,128 --sweep_b=4,8,16]
   python -m grpo_jax.bench --what=sampler --model=demo --batch=8 --new_tokens=64 --prompt_len=16
+  python -m grpo_jax.bench --what=sampler ... --lora_rank=16 --lora_base_dtype=nf4 --lora_rollout=low_rank
   python -m grpo_jax.bench --what=decode --model=demo --batch=64 --cache_len=4096 --fill=64
 
 Without --config, step / trl / scaling use the comparison setup, made in --workdir: a tiny
@@ -46,6 +47,7 @@ from grpo_jax import bench_decode
 from grpo_jax import bench_step
 from grpo_jax import cli
 from grpo_jax import config as config_lib
+from grpo_jax import models
 from grpo_jax.errors import UserError, exit_on_user_error
 
 
@@ -141,6 +143,13 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "bfloat16", list(config_lib.DTYPES), "sampler, decode: parameter and "
                     "compute dtype.")
   flags.DEFINE_integer("seed", 0, "sampler, decode: seed of the random weights and prompts.")
+  flags.DEFINE_integer("lora_rank", 0, "sampler: LoRA adapters of this rank (alpha 2r) on "
+                       "every projection; 0: none.", lower_bound=0)
+  flags.DEFINE_enum("lora_base_dtype", "float32", list(config_lib.LORA_BASE_DTYPES),
+                    "sampler: how the LoRA model's base is stored.")
+  flags.DEFINE_enum("lora_rollout", "merged", ["merged", "low_rank"], "sampler: LoRA adapters "
+                    "merged into the weights once per call (as training samples), or applied "
+                    "at every new token.")
   flags.DEFINE_string("out", None, "Also write the results as JSON to this file.")
 
 
@@ -172,10 +181,15 @@ def run_sampler(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
   del workdir
   spec = f.model or "demo"
   args = bench_step.BenchArgs(batch=f.batch, prompt_len=f.prompt_len, new_tokens=f.new_tokens,
-                   steps=f.steps, mem_bw_gbs=f.mem_bw_gbs, seed=f.seed)
-  r = bench_step.bench_sampler(bench_step.load_model(spec, f.dtype, f.seed), args)
+                   steps=f.steps, mem_bw_gbs=f.mem_bw_gbs, seed=f.seed,
+                   lora_rollout=f.lora_rollout)
+  lora = None if not f.lora_rank else models.LoRASpec(
+      rank=f.lora_rank, alpha=2.0 * f.lora_rank, base_dtype=f.lora_base_dtype)
+  r = bench_step.bench_sampler(bench_step.load_model(spec, f.dtype, f.seed, lora), args)
+  lora_text = "" if lora is None else (f" LoRA r={f.lora_rank} base={f.lora_base_dtype} "
+                                       f"{f.lora_rollout}")
   print(f"sampler on {bench_step.device_name()}: model={spec} B={f.batch} T={f.prompt_len} "
-        f"N={f.new_tokens} dtype={f.dtype}")
+        f"N={f.new_tokens} dtype={f.dtype}{lora_text}")
   print(f"compile: {r['compile_s']:.2f} s")
   print(f"steady: {r['step_s']:.4f} s per call (median of {f.steps}), "
         f"{r['tokens_per_s']:.1f} tokens/s")
@@ -183,7 +197,8 @@ def run_sampler(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
         f"per decode step (weights {r['weight_bytes'] / 1e6:.2f} MB + KV cache "
         f"{r['kv_bytes_mean'] / 1e6:.2f} MB) / {f.mem_bw_gbs:g} GB/s = "
         f"{r['bound_tokens_per_s']:.1f} tokens/s; achieved {100 * r['bound_ratio']:.1f}% of it")
-  return {"model": spec, "dtype": f.dtype, **dataclasses.asdict(args), **r}
+  return {"model": spec, "dtype": f.dtype, "lora_rank": f.lora_rank,
+          "lora_base_dtype": f.lora_base_dtype, **dataclasses.asdict(args), **r}
 
 
 def run_step(f: flags.FlagValues, workdir: str) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def test_demo_process_variant_is_the_demo_with_step_rewards():
   assert config.freeze(_load("configs/demo.py:process"), num_devices=1).grpo.step_slots == 16
   demo = pytest.importorskip("configs.demo")
   with pytest.raises(UserError, match=r"configs/demo.py:steps: no such variant; allowed: "
-                     r"configs/demo.py or configs/demo.py:process$"):
+                     r"configs/demo.py or configs/demo.py:process or configs/demo.py:lora$"):
     demo.get_config("steps")
 
 
