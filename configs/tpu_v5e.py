@@ -7,11 +7,17 @@
 Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, 7b; what the
 memory holds: configs/accelerators.py).
 
-1.5b (Qwen2.5-1.5B class), v5litepod-8 and larger, FSDP over every chip. Per chip on 8:
-  16P = 24.7 GB / 8 = 3.1 GB, plus during the update gradients 12.3 GB / 8 = 1.5 GB and
-  256 / 4 / 8 = 8 rows: 8 * 0.09 = 0.7 GB of block inputs and about 3 * 8 * 0.05 = 1.2 GB
-  for one block's attention: about 7 GB. Rollout: 3.1 GB + 3.1 GB of gathered bf16 weights
-  + 32 rows of KV cache (0.9 GB): about 7 GB of the 16 GiB.
+1.5b (Qwen2.5-1.5B class), v5litepod-8 and larger, FSDP over every chip, 4 micro-batches.
+  Compiled for a v5e-8 by `python -m grpo_jax.aot --config=configs/tpu_v5e.py:model=Qwen2.5-1.5B,
+  data=unused.jsonl --topology=v5e-8 --noroofline` (2026-11-29, jax 0.10.2, libtpu 0.0.42.1;
+  compiler estimates per chip, of the 15.75 GiB libtpu lets a program use): train step peak
+  13.87 GiB (88%: 12% free, the 10% headroom kept; the state 2.88 GiB), init 3.71 GiB,
+  evaluation sampler 8.33 GiB (its 256 rows' KV cache, 7.0 GiB, is on every chip). Little
+  room: a longer prompt bucket or more new tokens will not fit with 10% free; check with the
+  command. Its largest buffers are per-layer copies the remat should not keep (27 x
+  bf16[64,12,768,128] of the attention, 4.1 GiB; 28 x bf16[6136,8960] MLP inputs, 3.1 GiB).
+0.5b (Qwen2.5-0.5B class), v5litepod-4: not yet compiled; check it with
+  `--config=configs/tpu_v5e.py:0.5b,model=Qwen2.5-0.5B,data=unused.jsonl --topology=v5e-4`.
 7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4. Not yet compiled; by hand, per
   chip: 121.8 GB / 32 = 3.8 GB,
   plus gradients 60.9 GB / 32 = 1.9 GB and 256 / 8 / 8 = 4 rows (0.8 GB of block inputs):

@@ -4,7 +4,9 @@
   python -m grpo_jax.main --config=configs/tpu_v6e.py:7b,model=DIR,data=FILE.jsonl --workdir=DIR
 
 Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, 7b); the same
-settings as configs/tpu_v5e.py. Memory per chip: see below, from the compiler.
+settings as configs/tpu_v5e.py, on chips with twice the v5e's HBM (31.25 GiB usable). Not
+yet compiled: check it with `python -m grpo_jax.aot --config=configs/tpu_v6e.py:[7b,]model=
+Qwen2.5-1.5B|Qwen2.5-7B,data=unused.jsonl --topology=v6e-8` before a run.
 """
 
 import ml_collections
