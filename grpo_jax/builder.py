@@ -89,12 +89,12 @@ def load_model(cfg: config_lib.Config):
   elif not os.path.isdir(cfg.model.path):
     raise UserError(f"model.path={cfg.model.path!r} is not a directory; give a local Hugging "
                     "Face checkpoint dir (config.json + safetensors) or \"\" for the demo model")
-  else:
-    tokenizer = load_tokenizer(cfg.model.path)
+  else:  # the model first: its errors (no config.json, an unknown family) say more
     model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
                                    param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                                    attention=attention_impl(cfg), lora=lora_spec(cfg),
                                    seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
   if cfg.model.lora.init_from:
     model = load_initial_adapter(cfg, model)
   return tokenizer, model
