@@ -123,12 +123,14 @@ class Trainer:
                                 prompt_mask=jnp.asarray(mask, jnp.int32),
                                 row_ids=jnp.asarray(ids, jnp.int32))
 
-  def evaluate(self, step: int) -> dict[str, float]:
+  def evaluate(self) -> dict[str, float]:
     if not self.cfg.eval.num_prompts or not self.eval_rows:
       return {}
     rows = self.eval_rows[:self.cfg.eval.num_prompts]
     k = self.cfg.eval.k
-    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), step)
+    # One key for every evaluation: the model alone moves pass@1 between evaluations, and
+    # a model saved at the end evaluates, reloaded in a new run, to the same figures.
+    key = jax.random.key(self.cfg.train.seed + 1)
     texts, lengths = evaluate_lib.sample_completions(
         self.sample_fn, self.state.params, self.tokenizer, rows, k, key,
         buckets=self.cfg.data.prompt_buckets, max_prompt_len=self.cfg.data.max_prompt_len,
@@ -190,7 +192,7 @@ class Trainer:
         self.writer.close()
         return {}
       start = 0
-      first_eval = self.evaluate(0)
+      first_eval = self.evaluate()
       self.writer.write(0, first_eval)
       self._print_eval("before GRPO", first_eval)
       self.save(0, force=True)
@@ -219,12 +221,12 @@ class Trainer:
         logging.warning("step %d: non-finite metrics %s", step, ", ".join(nonfinite))
       at_end = step == cfg.train.num_steps
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not at_end:
-        record.update(self.evaluate(step))
+        record.update(self.evaluate())
       self.writer.write(step, record)
       progress.update(step, record)
       self._stop_on_nonfinite(step, record)
       if at_end:
-        final_eval = self.evaluate(step)
+        final_eval = self.evaluate()
         self.writer.write(step, final_eval)
       # A skipped (non-finite) update is not checkpointed on schedule, so the newest
       # checkpoint is always the last good step.
@@ -235,7 +237,7 @@ class Trainer:
       if stop.requested and not at_end:
         return self._stopped(step)
     if step == start:  # resumed at the end: nothing left to train
-      final_eval = self.evaluate(step)
+      final_eval = self.evaluate()
     self.ckpt.wait()
     self._finish(first_eval, final_eval)
     return final_eval
