@@ -83,6 +83,28 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
+@pytest.mark.parametrize("variant", ["copy", "clean", "countdown"])
+def test_demo_variants_leave_room_for_every_worked_solution(variant):
+  """Each demo variant's budget of new tokens holds the longest SFT target and EOS (a
+  correct answer cut short scores 0), and sft.max_len holds prompt and target."""
+  from grpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = config.freeze(_load(f"configs/demo.py:{variant}"), num_devices=1)
+  tokenizer = data_lib.demo_tokenizer()
+  rows = data_lib.load_rows(c.data.source, split="train", num_rows=2000)
+  prompts = [data_lib.format_prompt(tokenizer, r["prompt"]) for r in rows]
+  targets = [data_lib.sft_target({**r, "sft_answer": r["answer"]}) for r in rows]
+  target_len = max(len(t) + 1 for t in tokenizer(targets, add_special_tokens=False)["input_ids"])
+  prompt_len = max(len(p) for p in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+  assert target_len <= c.sampler.max_new_tokens
+  assert prompt_len <= c.data.max_prompt_len
+  assert prompt_len + target_len <= c.sft.max_len
+
+
+def test_demo_config_names_its_variants_on_a_wrong_one():
+  with pytest.raises(UserError, match="configs/demo.py:clean"):
+    _load("configs/demo.py:clear")
+
+
 def test_hf_config_parses_arguments():
   cfg = _load("configs/hf.py:model=/ckpt/qwen,data=/d/train.jsonl,eval=/d/test.jsonl")
   c = config.freeze(cfg, num_devices=1)
