@@ -3,11 +3,12 @@
 DeepSeek-R1's recipe in miniature: cold-start SFT on worked solutions (<think> working
 </think><answer>..</answer>), then GRPO with a verified reward (exact match). Held-out
 pass@1 (new prompts, k samples each at temperature 1) is printed before GRPO and at the
-end, and workdir/progress.png plots reward and pass@1 over steps. Three variants:
+end, and workdir/progress.png plots reward and pass@1 over steps. Four variants:
 
   python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo       # copy
   python -m grpo_jax.main --config=configs/demo.py:clean --workdir=runs/clean
   python -m grpo_jax.main --config=configs/demo.py:countdown --workdir=runs/countdown
+  python -m grpo_jax.main --config=configs/demo.py:process --workdir=runs/process
 
 copy (the default): 2-digit addition. The warm-start data is unverified, as cold-start
   data written by another model is: 70% of its rows end in a wrong final answer after a
@@ -18,6 +19,9 @@ clean: the same task on correct warm-start data, stopped early (about half of th
   far today's settings get and why.
 countdown: reach a target with three given numbers and + - * / (as TinyZero does). The
   warm-start rows show one random way the target was made, so the model has to search.
+process: copy with process supervision (DeepSeekMath 4.1.3): each line of the worked
+  solution and the final answer is a step with a reward of its own (`arithmetic_steps`),
+  in place of the outcome rewards.
 
 Settings common to all: 8 completions per prompt, exact match only where the warm start
 is clean (a format bonus is the only difference inside a group that is all wrong, and
@@ -30,15 +34,16 @@ import ml_collections
 from grpo_jax import config
 from grpo_jax.errors import UserError
 
-VARIANTS = ("copy", "clean", "countdown")
+VARIANTS = ("copy", "clean", "countdown", "process")
 ARITHMETIC = "synthetic:arithmetic:digits=2,ops=+,wrong_answers={}"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The demo's config; arg names a variant (VARIANTS), copy when absent."""
   variant = arg or "copy"
   if variant not in VARIANTS:
-    raise UserError(f"configs/demo.py:{variant} is not a variant; use one of "
-                    + ", ".join(f"configs/demo.py:{v}" for v in VARIANTS))
+    raise UserError(f"configs/demo.py:{arg}: no such variant; allowed: configs/demo.py or "
+                    + " or ".join(f"configs/demo.py:{v}" for v in VARIANTS))
   cfg = config.defaults()
   cfg.model.path = ""  # the built-in demo model, shaped by cfg.model.demo
   cfg.model.dtype = "float32"
@@ -57,13 +62,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.logging.progress_every_s = 5.0
   cfg.sampler.max_new_tokens = 64  # N; the longest worked sum is 56 tokens with EOS
   cfg.sft.max_len = 112
-  if variant == "copy":
+  if variant in ("copy", "process"):
     cfg.data.source = ARITHMETIC.format(70)
     cfg.rewards = "exact_match:1,format:0.1"
     cfg.train.num_steps = 100
     cfg.sft.num_steps = 700
     cfg.eval.every_steps = 10
     cfg.eval.k = 4
+    if variant == "process":
+      cfg.grpo.supervision = "process"
+      cfg.step_rewards = "arithmetic_steps"
     return cfg
   cfg.rewards = "exact_match:1"
   cfg.train.num_steps = 200

@@ -58,6 +58,20 @@ def group_advantages(rewards: jax.Array, group_size: int, *, scale: str = "group
   return adv_bg.reshape(-1)
 
 
+def _group_steps(step_rewards: jax.Array, step_ends: jax.Array, group_size: int) -> jax.Array:
+  """[B, G*S] the step rewards [B*G, S] of each group's rows together, NaN where there is no
+  step (end -1)."""
+  r_ns = jnp.where(jnp.asarray(step_ends) >= 0, jnp.asarray(step_rewards, jnp.float32), jnp.nan)
+  return r_ns.reshape(-1, group_size * r_ns.shape[1])
+
+
+def zero_std_step_groups(step_rewards: jax.Array, step_ends: jax.Array,
+                         group_size: int) -> jax.Array:
+  """[B] True where every (non-NaN) step reward of the group's G rows is the same (or
+  fewer than two are given): the groups whose process advantages are all 0."""
+  return _stats(_group_steps(step_rewards, step_ends, group_size))[2][:, 0]
+
+
 def process_advantages(step_rewards: jax.Array, step_ends: jax.Array, num_tokens: int,
                        group_size: int, *, eps: float = 1e-4) -> jax.Array:
   """Process-supervision advantages [B*G, T] (T = num_tokens).
@@ -74,9 +88,8 @@ def process_advantages(step_rewards: jax.Array, step_ends: jax.Array, num_tokens
     eps: added to the std.
   """
   step_ends = jnp.asarray(step_ends)
-  r_ns = jnp.where(step_ends >= 0, jnp.asarray(step_rewards, jnp.float32), jnp.nan)
-  rows, steps = r_ns.shape
-  r_bk = r_ns.reshape(-1, group_size * steps)  # [B, G*S]
+  rows, steps = step_ends.shape
+  r_bk = _group_steps(step_rewards, step_ends, group_size)
   mean_b1, std_b1, equal_b1 = _stats(r_bk)
   norm_bk = jnp.where(equal_b1 | jnp.isnan(r_bk), 0.0, (r_bk - mean_b1) / (std_b1 + eps))
   # Put each step's normalised reward on its last token, then sum from the right.

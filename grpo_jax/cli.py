@@ -6,11 +6,7 @@ Flags are defined only when a module runs as the program (`define_flags()` under
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
-import importlib.util
 import os
-import platform
 import re
 import sys
 from typing import Callable
@@ -19,6 +15,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grpo_jax import config as config_lib
+from grpo_jax import hardware
+from grpo_jax import host_malloc
 from grpo_jax.errors import UserError, exit_on_user_error
 
 _CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$")
@@ -73,52 +71,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-TUNE_MALLOC_ENV = "GRPO_JAX_TUNE_MALLOC"
-
-
-def _jax_is_cpu_only() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin and no
-  libtpu is installed. Decided without starting a JAX backend."""
-  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-  if platforms:
-    return platforms == "cpu"
-  plugins = list(importlib.metadata.entry_points(group="jax_plugins"))
-  return not plugins and not any(
-      importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
-
-
-def tune_host_malloc() -> bool:
-  """Keeps the memory XLA CPU frees inside the process; returns whether it did.
-
-  XLA CPU allocates a call's temporaries afresh each time, and glibc gives large freed
-  blocks back to the kernel (munmap, or dropping a thread's heap), so every GRPO step
-  faults its temporaries in again page by page: 71,600 faults (280 MB) per step on the
-  TRL comparison model, whose update runs a fifth to a half faster without them. One malloc
-  arena that never maps or trims makes them reusable (sampling, which never faulted, is
-  0-20% slower with it: BENCHMARKS.md "Host malloc"). Only on Linux with glibc, only
-  when JAX runs on the CPU (accelerators keep their temporaries on the device), and not
-  when GRPO_JAX_TUNE_MALLOC=0. Call it before JAX's first computation: threads started
-  earlier keep their own arenas.
-  """
-  if os.environ.get(TUNE_MALLOC_ENV, "1") == "0":
-    return False
-  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-    return False
-  if not _jax_is_cpu_only():
-    return False
-  libc = ctypes.CDLL(None)
-  return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
-
-
 def run_main(main: Callable[[list[str]], None]) -> None:
   """app.run with our flag parsing; library INFO logs (Orbax's) are hidden unless --debug.
 
-  Host malloc is tuned first (tune_host_malloc), before JAX starts its threads.
+  First, before JAX starts a backend or its threads: the CPU where no accelerator is
+  attached (hardware.default_to_cpu), and host malloc tuned (host_malloc.tune).
   """
-  tune_host_malloc()
+  hardware.default_to_cpu()
+  host_malloc.tune()
 
   def quiet_main(argv):
     if not flags.FLAGS.debug:

@@ -23,8 +23,10 @@ from grpo_jax.errors import UserError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+SUPERVISIONS = ("outcome", "process")
 IS_LEVELS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.py
 LR_SCHEDULES = ("cosine", "constant")
 SOURCE_PREFIXES = ("synthetic:", "jsonl:", "tfds:")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -46,6 +48,7 @@ class ModelCfg:
   dtype: str = "float32"  # compute dtype
   param_dtype: Optional[str] = None  # None: same as dtype
   remat: bool = False  # rematerialise each block in the backward pass
+  attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
 
 
@@ -72,11 +75,31 @@ class GrpoCfg:
   delta: Optional[float] = None  # cap on the unclipped ratio (two-sided clipping)
   loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
   scale_rewards: str = "group"  # group | batch | none
+  supervision: str = "outcome"  # outcome | process (step rewards, DeepSeekMath 4.1.3)
+  max_steps_per_completion: int = 16  # process: step slots; more steps merge into the last
   importance_sampling_level: str = "token"  # token | sequence (GSPO)
   mask_truncated_completions: bool = False  # no loss on completions without EOS
   drop_zero_std_groups: bool = False  # DAPO dynamic sampling: skip all-equal groups
+  oversample: float = 1.0  # dynamic sampling: sample round(B * oversample) prompts, keep B
+  top_entropy_quantile: float = 1.0  # policy loss on the top share of tokens by entropy; 1 = all
   minibatches_per_iteration: int = 1  # whole groups per minibatch
   ref_reset_every: int = 0  # iterative GRPO: reset pi_ref every K steps; 0 = never
+
+  @property
+  def updates_per_step(self) -> int:
+    """Optimizer updates per sampled batch: mu iterations x minibatches."""
+    return self.num_iterations * self.minibatches_per_iteration
+
+  @property
+  def step_slots(self) -> int:
+    """S, the step slots of a completion the reward callback fills: 0 without process
+    supervision."""
+    return self.max_steps_per_completion if self.supervision == "process" else 0
+
+  @property
+  def needs_old_logps(self) -> bool:
+    """Whether pi_old differs from pi_theta at some update: after the first of a batch."""
+    return self.updates_per_step > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +146,8 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class MeshCfg:
   shape: tuple[int, ...] = (1, -1, 1)  # MESH_AXES sizes; -1 fills the rest
+  # Multi-process runs: a process silent this long is lost and the others stop (liveness.py).
+  process_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +176,19 @@ class Config:
   sampler: SamplerCfg = SamplerCfg()
   rewards: str = "exact_match:1,format:0.2"  # "name:weight,..." or "module:function:weight"
   rewards_timeout_s: float = 10.0  # per reward-function call
+  step_rewards: str = ""  # grpo.supervision="process": "name:weight,..." (outcome:w too)
   train: TrainCfg = TrainCfg()
   checkpoint: CheckpointCfg = CheckpointCfg()
   eval: EvalCfg = EvalCfg()
   mesh: MeshCfg = MeshCfg()
   sft: SftCfg = SftCfg()
   logging: LoggingCfg = LoggingCfg()
+
+  @property
+  def sampled_prompts_per_step(self) -> int:
+    """B', the prompts a step samples: round(B * grpo.oversample); dynamic sampling trains
+    on B of their groups."""
+    return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
 def _optional_base(hint: Any) -> Any:
@@ -263,8 +295,10 @@ def _resolve_mesh(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
 _ENUMS = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
+    "model.attention": ATTENTION,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALE_REWARDS,
+    "grpo.supervision": SUPERVISIONS,
     "grpo.importance_sampling_level": IS_LEVELS,
     "train.lr_schedule": LR_SCHEDULES,
 }
@@ -285,6 +319,9 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "grpo.epsilon_high": (0, ""),
     "grpo.minibatches_per_iteration": (1, ""),
     "grpo.ref_reset_every": (0, "never"),
+    "grpo.max_steps_per_completion": (1, ""),
+    "grpo.oversample": (1, "no over-sampling"),
+    "grpo.top_entropy_quantile": (0, "only the highest-entropy tokens"),
     "sampler.max_new_tokens": (1, ""),
     "sampler.temperature": (0, "greedy"),
     "sampler.top_k": (0, "off"),
@@ -312,6 +349,7 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "sft.max_len": (1, ""),
     "logging.every_steps": (1, ""),
     "logging.progress_every_s": (0, ""),
+    "mesh.process_timeout_s": (1, ""),
 }
 
 
@@ -341,10 +379,21 @@ def _validate(c: Config) -> None:
          "a non-empty increasing tuple of lengths >= 1")
   _check(0 < c.sampler.top_p <= 1, "sampler.top_p", c.sampler.top_p, "0 < top_p <= 1")
   _check(c.train.adam_b1 < 1, "train.adam_b1", c.train.adam_b1, "0 <= b1 < 1")
+  _check(c.grpo.top_entropy_quantile <= 1, "grpo.top_entropy_quantile",
+         c.grpo.top_entropy_quantile, "0 <= q <= 1 (1 = every token)")
   _check(c.train.adam_b2 < 1, "train.adam_b2", c.train.adam_b2, "0 <= b2 < 1")
   _check(c.rewards.strip() != "", "rewards", c.rewards,
          "a non-empty 'name:weight,name:weight' list")
   g = c.grpo
+  _check(g.supervision != "process" or c.step_rewards.strip() != "", "step_rewards",
+         c.step_rewards, "a non-empty 'name:weight,...' list when grpo.supervision="
+         "'process', e.g. arithmetic_steps or countdown_steps")
+  _check(g.supervision == "process" or c.step_rewards.strip() == "", "step_rewards",
+         c.step_rewards, "'' unless grpo.supervision='process' (step rewards drive only "
+         "process supervision)")
+  _check(g.supervision != "process" or g.scale_rewards == "group", "grpo.scale_rewards",
+         g.scale_rewards, "'group' with grpo.supervision='process' (step rewards are "
+         "normalised over their group)")
   _check(g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta", g.delta,
          f"None or > 1 + epsilon_high = {1 + g.epsilon_high}")
   _check(c.data.prompts_per_step % g.minibatches_per_iteration == 0,
@@ -359,7 +408,8 @@ def _validate(c: Config) -> None:
 
 
 def _check_batch_layout(c: Config) -> None:
-  """Each micro-batch of B*G rows must split evenly over the data-parallel devices."""
+  """Each micro-batch of B*G rows, and the B'*G sampled rows, must split evenly over the
+  data-parallel devices."""
   data, fsdp, _ = c.mesh.shape
   rows = c.data.prompts_per_step * c.grpo.num_generations
   _check(rows % (data * fsdp) == 0, "data.prompts_per_step", c.data.prompts_per_step,
@@ -370,6 +420,10 @@ def _check_batch_layout(c: Config) -> None:
          c.train.grad_accum_steps,
          f"B*G = {rows} rows split into minibatches_per_iteration * grad_accum_steps = "
          f"{micro} micro-batches must stay divisible by data*fsdp = {data * fsdp}")
+  sampled = c.sampled_prompts_per_step * c.grpo.num_generations
+  _check(sampled % (data * fsdp) == 0, "grpo.oversample", c.grpo.oversample,
+         f"sampled prompts round(prompts_per_step * oversample) * grpo.num_generations = "
+         f"{sampled} must be divisible by the data-parallel size data*fsdp = {data * fsdp}")
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -400,7 +454,8 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
           max_new_tokens=_or(e.max_new_tokens, c.sampler.max_new_tokens)),
       sft=dataclasses.replace(c.sft, source=_or(c.sft.source, c.data.source)))
   _validate(c)
-  c = dataclasses.replace(c, mesh=MeshCfg(_resolve_mesh(c.mesh.shape, num_devices)))
+  c = dataclasses.replace(c, mesh=dataclasses.replace(
+      c.mesh, shape=_resolve_mesh(c.mesh.shape, num_devices)))
   _check_batch_layout(c)
   return c
 

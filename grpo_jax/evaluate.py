@@ -14,12 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 
+CORRECTNESS_REWARDS = ("accuracy", "exact_match")
 
-def make_sample_fn(graphdef, settings: sampler_lib.SampleConfig):
+
+def correctness_reward(cfg: config_lib.Config) -> str:
+  """The reward evaluation counts as "correct": accuracy if configured, else exact_match;
+  without either, accuracy for JSONL / TFDS data and exact_match for the synthetic tasks."""
+  names = [s.name for s in rewards_lib.parse_spec(cfg.rewards)]
+  for name in CORRECTNESS_REWARDS:
+    if name in names:
+      return name
+  return "accuracy" if cfg.data.source.startswith(("jsonl:", "tfds:")) else "exact_match"
+
+
+def make_sample_fn(graphdef, settings: sampler_lib.SamplingSettings):
   """jit: (params, prompt_tokens [P, T], prompt_mask [P, T], key, samples_per_prompt=k) ->
   (tokens, mask) [P * k, N], a prompt's k samples consecutive."""
 
@@ -33,20 +46,16 @@ def make_sample_fn(graphdef, settings: sampler_lib.SampleConfig):
 
 
 def sample_completions(sample_fn, params, tokenizer, rows: Sequence[dict[str, Any]], k: int,
-                       key, *, buckets, max_prompt_len: int | None, use_chat_template,
-                       system_prompt, batch_rows: int = 256):
-  """k completions for each row, in batches of at most `batch_rows` rows.
+                       key, data: config_lib.DataCfg, *, batch_rows: int = 256):
+  """k completions for each dataset row, its prompt formatted and encoded as `data` says, in
+  batches of at most `batch_rows` completions.
 
   Returns (completion texts [P * k] grouped by row, token lengths [P * k]).
   """
   texts, lengths = [], []
   per_batch = max(1, batch_rows // k)
   for start in range(0, len(rows), per_batch):
-    chunk = rows[start:start + per_batch]
-    prompts = [data_lib.format_prompt(tokenizer, row["prompt"], use_chat_template=use_chat_template,
-                                      system_prompt=system_prompt) for row in chunk]
-    tokens, mask = data_lib.encode_prompts(tokenizer, prompts, buckets=buckets,
-                                           max_prompt_len=max_prompt_len)
+    tokens, mask = data_lib.encode_row_prompts(tokenizer, rows[start:start + per_batch], data)
     out_tokens, out_mask = sample_fn(params, tokens, mask, jax.random.fold_in(key, start),
                                      samples_per_prompt=k)
     out_tokens, out_mask = np.asarray(out_tokens), np.asarray(out_mask)

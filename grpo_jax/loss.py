@@ -5,10 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grpo_jax.config import IS_LEVELS, LOSS_TYPES
 from grpo_jax.errors import UserError
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def check_loss_options(loss_type: str, importance_sampling_level: str) -> None:
@@ -16,10 +14,10 @@ def check_loss_options(loss_type: str, importance_sampling_level: str) -> None:
   if loss_type not in LOSS_TYPES:
     raise UserError(
         f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-  if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+  if importance_sampling_level not in IS_LEVELS:
     raise UserError(
         f"importance_sampling_level {importance_sampling_level!r} is not one of"
-        f" {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+        f" {', '.join(IS_LEVELS)}")
 
 
 def _masked_mean(x: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -39,6 +37,17 @@ def _flag_mean(flag: jax.Array, mask_bt: jax.Array, per_row: bool) -> jax.Array:
   return jnp.mean(flag) if per_row else _masked_mean(flag, mask_bt)
 
 
+def high_entropy_mask(entropy_bt: jax.Array, mask_bt: jax.Array, quantile: float) -> jax.Array:
+  """[B, T] bool: the tokens under mask whose entropy is at least the (1 - quantile)-quantile
+  (linear interpolation, as torch.quantile) of the entropies of all the tokens under mask:
+  the top `quantile` of them by entropy, as TRL's GRPOTrainer.get_high_entropy_mask keeps for
+  top_entropy_quantile = quantile. No token when the mask is empty."""
+  valid_bt = jnp.asarray(mask_bt) > 0
+  values = jnp.where(valid_bt, entropy_bt, jnp.nan).reshape(-1)
+  threshold = jnp.nanquantile(values, 1.0 - quantile)  # NaN (no token) without valid ones
+  return valid_bt & (entropy_bt >= threshold)
+
+
 def grpo_loss(
     logps: jax.Array,
     old_logps: jax.Array | None,
@@ -54,18 +63,31 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: jax.Array | float | None = None,
+    num_rows: jax.Array | float | None = None,
+    policy_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO loss of one batch of completions and its metrics.
 
   With w the importance weight (token level: pi_theta/pi_old per token; sequence
   level, GSPO: exp of the masked mean over the row of log(pi_theta/pi_old)),
 
-    l_bt = -min(min(w, delta) * A, clip(w, 1 - eps_low, 1 + eps_high) * A)
+    l_bt = -p_bt * min(min(w, delta) * A, clip(w, 1 - eps_low, 1 + eps_high) * A)
            + beta * (exp(ref - logp) - (ref - logp) - 1)
 
-  reduced over the mask m by loss_type: "grpo" mean_b(sum_t l m / max(sum_t m, 1)),
-  "bnpo" sum(l m) / max(sum m, 1), "dr_grpo" sum(l m) / (B * max_completion_length),
-  "dapo" sum(l m) / max(num_items_in_batch, 1).
+  with p = policy_mask (default 1; high_entropy_mask's for TRL's top_entropy_quantile, which
+  leaves the KL term and the normalisers as they are), reduced over the mask m by loss_type,
+  with the normalisers R = num_rows (default B), I = num_items_in_batch (default sum m) and
+  N = max_completion_length (default T):
+
+    "grpo"     sum_b (sum_t l m / max(sum_t m, 1)) / max(R, 1)
+    "bnpo"     sum(l m) / max(I, 1)
+    "dr_grpo"  sum(l m) / (max(R, 1) * N)
+    "dapo"     sum(l m) / max(I, 1)
+
+  With the defaults this is TRL's loss of one batch (where bnpo and dapo differ only in
+  that TRL counts dapo's I over every process and accumulated micro-batch). A batch that is
+  a micro-batch of a larger one passes the larger one's R and I: the micro-batches' losses
+  then sum to the larger batch's loss, which is how the train step accumulates gradients.
 
   Args:
     logps: [B, T] log-probs of the completion tokens under the policy being trained.
@@ -79,8 +101,10 @@ def grpo_loss(
     beta: weight of the k3 KL estimator to the reference policy (a Python float).
     loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo".
     importance_sampling_level: "token" | "sequence".
-    max_completion_length: dr_grpo normaliser; None means T.
-    num_items_in_batch: dapo normaliser (a scalar); None means mask.sum().
+    max_completion_length: N, the dr_grpo normaliser; None means T.
+    num_items_in_batch: I, the bnpo / dapo normaliser (a scalar); None means mask.sum().
+    num_rows: R, the grpo / dr_grpo normaliser (a scalar); None means B.
+    policy_mask: [B, T] 0/1 (any numeric or bool dtype) or None (every token).
 
   Returns:
     (loss, aux): aux holds float32 scalars "kl" (masked mean of the k3 term, 0
@@ -114,6 +138,8 @@ def grpo_loss(
   if delta is not None:
     ratio = jnp.minimum(ratio, delta)
   per_token = -jnp.minimum(ratio * advs, clipped * advs)
+  if policy_mask is not None:
+    per_token = per_token * jnp.asarray(policy_mask).astype(jnp.float32)
 
   kl_bt = None
   if ref_logps is not None:
@@ -124,16 +150,17 @@ def grpo_loss(
   per_token_bt = jnp.broadcast_to(per_token, mask_bt.shape)
 
   total = jnp.sum(per_token_bt * mask_bt)
+  rows = mask_bt.shape[0] if num_rows is None else num_rows
+  rows = jnp.maximum(jnp.asarray(rows, jnp.float32), 1.0)
+  items = jnp.sum(mask_bt) if num_items_in_batch is None else num_items_in_batch
+  items = jnp.maximum(jnp.asarray(items, jnp.float32), 1.0)
   if loss_type == "grpo":
-    value = jnp.mean(_masked_mean_rows(per_token_bt, mask_bt))
-  elif loss_type == "bnpo":
-    value = _masked_mean(per_token_bt, mask_bt)
+    value = jnp.sum(_masked_mean_rows(per_token_bt, mask_bt)) / rows
   elif loss_type == "dr_grpo":
     length = mask_bt.shape[1] if max_completion_length is None else max_completion_length
-    value = total / (mask_bt.shape[0] * length)
-  else:  # dapo
-    items = jnp.sum(mask_bt) if num_items_in_batch is None else num_items_in_batch
-    value = total / jnp.maximum(jnp.asarray(items, jnp.float32), 1.0)
+    value = total / (rows * length)
+  else:  # bnpo, dapo
+    value = total / items
 
   is_low = (ratio < 1.0 - epsilon_low) & (advs < 0)
   is_high = (ratio > 1.0 + epsilon_high) & (advs > 0)

@@ -8,48 +8,28 @@ SIGINT finishes the current step, checkpoints it and exits 0.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from grpo_jax import builder
 from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import cli
-from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
+from grpo_jax import distributed
 from grpo_jax import evaluate as evaluate_lib
-from grpo_jax import mesh as mesh_lib
+from grpo_jax import liveness
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
-from grpo_jax import sampler
-from grpo_jax import scoring
 from grpo_jax import sft as sft_lib
+from grpo_jax import signals
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError, exit_on_user_error
-
-
-
-def step_config(cfg: config_lib.Config, scorer, tokenizer, model) -> train_step_lib.StepConfig:
-  g = cfg.grpo
-  return train_step_lib.StepConfig(
-      num_generations=g.num_generations, num_iterations=g.num_iterations,
-      minibatches=g.minibatches_per_iteration, grad_accum_steps=cfg.train.grad_accum_steps,
-      beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta,
-      loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
-      scale_rewards=g.scale_rewards, drop_zero_std_groups=g.drop_zero_std_groups,
-      mask_truncated_completions=g.mask_truncated_completions, ref_reset_every=g.ref_reset_every,
-      sampling=sampler.SampleConfig(
-          max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
-          top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
-          eos_token_ids=components.eos_token_ids(tokenizer, model),
-          pad_token_id=data_lib.pad_id(tokenizer), stop_at_eos=cfg.sampler.stop_at_eos),
-      reward_names=scorer.names)
 
 
 class Trainer:
@@ -59,41 +39,12 @@ class Trainer:
     self.cfg = cfg
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
-    # Data and reward specs first: a bad row or reward name fails before a model loads.
-    self.train_rows, self.eval_rows = components.load_rows(cfg)
-    specs = components.reward_specs(cfg)
-    # Read into host memory; new_state lays the params out on the mesh, so no one device
-    # ever holds the whole model (at 7B in float32, 30 GB).
-    with jax.default_device(components.host_device()):
-      self.tokenizer, model = components.load_model(cfg)
-    n = cfg.sampler.max_new_tokens
-    self.scorer = scoring.Scorer(self.tokenizer, self.train_rows, specs, max_new_tokens=n,
-                                 timeout_s=cfg.rewards_timeout_s)
-    self.eval_reward = components.correctness_reward(cfg)
-    eval_specs = [s for s in specs if s.name == self.eval_reward] or list(
-        components.rewards_lib.parse_spec(self.eval_reward))
-    eval_n = cfg.eval.max_new_tokens or n
-    self.eval_scorer = scoring.Scorer(self.tokenizer, self.eval_rows, eval_specs,
-                                      max_new_tokens=eval_n, timeout_s=cfg.rewards_timeout_s)
-    self.step_cfg = step_config(cfg, self.scorer, self.tokenizer, model)
-    updates = cfg.train.num_steps * cfg.grpo.num_iterations * cfg.grpo.minibatches_per_iteration
-    self.tx, self.lr_schedule = train_step_lib.make_optimizer(
-        learning_rate=cfg.train.learning_rate, total_updates=updates,
-        warmup_steps=cfg.train.warmup_steps, schedule=cfg.train.lr_schedule,
-        max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay,
-        b1=cfg.train.adam_b1, b2=cfg.train.adam_b2, eps=cfg.train.adam_eps)
-    self.mesh = mesh_lib.make_mesh(cfg.mesh.shape)
-    self.graphdef, params = nnx.split(model)
-    self.state = self.new_state(params)
-    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.train_step = train_step_lib.make_train_step(
-        self.graphdef, self.tx, self.lr_schedule, self.step_cfg, self.scorer,
-        state_shardings=self.state_shardings, metrics_sharding=mesh_lib.replicated(self.mesh))
-    eval_temp = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampler.temperature
-    self.sample_fn = evaluate_lib.make_sample_fn(self.graphdef, dataclasses.replace(
-        self.step_cfg.sampling, max_new_tokens=eval_n, temperature=eval_temp, stop_at_eos=True))
-    self.stream = data_lib.PromptStream(list(range(len(self.train_rows))),
-                                        cfg.data.prompts_per_step, cfg.train.seed)
+    self.parts, params = builder.build_run(cfg)
+    self.setup = self.parts.setup
+    self.state = self.setup.init_state(params)  # the host copy of params goes
+    self.train_step = self.setup.train_step(self.parts.scorer, self.parts.scorer.names)
+    self.sample_fn = self.setup.eval_sample_fn()
+    self.stream = self.parts.prompt_stream()
     self.ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep,
                                             async_save=cfg.checkpoint.async_save)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
@@ -101,42 +52,23 @@ class Trainer:
 
   # -- pieces ------------------------------------------------------------------------------
 
-  def new_state(self, params) -> train_step_lib.TrainState:
-    """A train state around params, laid out on the mesh (params by the logical-axis rules;
-    the optimizer state follows them)."""
-    shardings = mesh_lib.param_shardings(params, self.mesh)
-    params = jax.device_put(params, shardings)
-    init = jax.jit(lambda p: train_step_lib.init_state(p, self.tx, beta=self.cfg.grpo.beta,
-                                                       seed=self.cfg.train.seed,
-                                                       param_shardings=shardings))
-    return init(params)
-
   def batch(self) -> train_step_lib.Batch:
-    ids = self.stream.next()
-    prompts = [data_lib.format_prompt(self.tokenizer, self.train_rows[i]["prompt"],
-                                      use_chat_template=self.cfg.data.use_chat_template,
-                                      system_prompt=self.cfg.data.system_prompt) for i in ids]
-    tokens, mask = data_lib.encode_prompts(self.tokenizer, prompts,
-                                           buckets=self.cfg.data.prompt_buckets,
-                                           max_prompt_len=self.cfg.data.max_prompt_len)
-    return train_step_lib.Batch(prompt_tokens=jnp.asarray(tokens, jnp.int32),
-                                prompt_mask=jnp.asarray(mask, jnp.int32),
-                                row_ids=jnp.asarray(ids, jnp.int32))
+    """The next batch of the training stream."""
+    return self.parts.batch(self.stream.next())
 
   def evaluate(self) -> dict[str, float]:
-    if not self.cfg.eval.num_prompts or not self.eval_rows:
+    """pass@1 and maj@k on the first eval.num_prompts held-out rows."""
+    if not self.cfg.eval.num_prompts or not self.parts.eval_rows:
       return {}
-    rows = self.eval_rows[:self.cfg.eval.num_prompts]
+    rows = self.parts.eval_rows[:self.cfg.eval.num_prompts]
     k = self.cfg.eval.k
     # One key for every evaluation: the model alone moves pass@1 between evaluations, and
     # a model saved at the end evaluates, reloaded in a new run, to the same figures.
     key = jax.random.key(self.cfg.train.seed + 1)
     texts, lengths = evaluate_lib.sample_completions(
-        self.sample_fn, self.state.params, self.tokenizer, rows, k, key,
-        buckets=self.cfg.data.prompt_buckets, max_prompt_len=self.cfg.data.max_prompt_len,
-        use_chat_template=self.cfg.data.use_chat_template, system_prompt=self.cfg.data.system_prompt)
-    return evaluate_lib.score_pass_and_majority(self.eval_scorer, rows, texts, lengths, k,
-                                                self.eval_reward)
+        self.sample_fn, self.state.params, self.parts.tokenizer, rows, k, key, self.cfg.data)
+    return evaluate_lib.score_pass_and_majority(self.parts.eval_scorer, rows, texts, lengths, k,
+                                                self.parts.eval_reward)
 
   def save(self, step: int, *, force: bool = False) -> None:
     meta = {"data": self.stream.state(), "config": config_lib.describe(self.cfg),
@@ -144,15 +76,16 @@ class Trainer:
     self.ckpt.save(step, self.state, meta, force=force)
 
   def restore(self) -> int:
-    """Resumes from the newest complete checkpoint; returns its step (-1: fresh start)."""
-    step = self.ckpt.latest_step()
-    if step is None:
+    """Resumes from the newest checkpoint that reads back as written (newer, damaged ones
+    are moved aside); returns its step (-1: fresh start)."""
+    restored = self.ckpt.restore_newest_good(self.state)
+    if restored is None:
       # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
       # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    self.state, meta = self.ckpt.restore(self.state, step=step)
+    step, self.state, meta = restored
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
       logging.warning("resuming step %d with a config that differs from the checkpoint's "
@@ -162,7 +95,7 @@ class Trainer:
       print(f"resumed from {self.workdir}/checkpoints/{step}", flush=True)
     return step
 
-  def warm_start(self, stop: components.StopRequest) -> bool:
+  def warm_start(self, stop: signals.StopRequest) -> bool:
     """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result.
 
     SFT checkpoints under <workdir>/checkpoints_sft and resumes from there; returns False
@@ -171,11 +104,11 @@ class Trainer:
     if self.cfg.sft.num_steps <= 0:
       return True
     ckpt = sft_lib.checkpointer(self.cfg, self.workdir)
-    params, finished = sft_lib.train(self.cfg, self.tokenizer, self.graphdef, self.state.params,
-                                     self.writer, ckpt=ckpt, stop=stop)
+    params, finished = sft_lib.train(self.cfg, self.parts.tokenizer, self.setup.graphdef,
+                                     self.state.params, self.writer, ckpt=ckpt, stop=stop)
     ckpt.close()
     if finished:
-      self.state = self.new_state(params)
+      self.state = self.setup.init_state(params)
     return finished
 
   # -- the loop ----------------------------------------------------------------------------
@@ -184,7 +117,7 @@ class Trainer:
     """Trains to train.num_steps. A checkpoint at step k is taken only after every record of
     step k is written, so a run killed at any moment resumes to the same metrics."""
     cfg = self.cfg
-    stop = components.StopRequest()
+    stop = signals.StopRequest()
     start = self.restore()
     first_eval: dict[str, float] = {}
     if start < 0:
@@ -207,14 +140,13 @@ class Trainer:
     step = start
     while step < cfg.train.num_steps:
       batch = self.batch()
-      t0, reward_s0 = time.perf_counter(), self.scorer.seconds
+      t0 = time.perf_counter()
       self.state, metrics = self.train_step(self.state, batch)
       metrics = jax.device_get(metrics)
       step_s = time.perf_counter() - t0
       step += 1
       record = {k: float(v) for k, v in metrics.items()}
       record["perf/step_s"] = step_s
-      record["perf/reward_s"] = self.scorer.seconds - reward_s0
       record["perf/rollout_tokens_per_s"] = record.pop("perf/rollout_tokens") / step_s
       nonfinite = metrics_lib.check_finite(record)
       if nonfinite:
@@ -255,10 +187,19 @@ class Trainer:
       return
     self.ckpt.wait()
     last = self.ckpt.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.ckpt.directory}, where a new "
+             "run on this workdir resumes")
+    bad_ref = int(record.get("train/nonfinite_ref_logps", 0))
+    if bad_ref:
+      raise UserError(
+          f"step {step}: {consecutive} optimizer updates in a row were skipped "
+          f"(train.max_nan_steps={self.cfg.train.max_nan_steps}) because the reference "
+          f"policy's log-probs are NaN/Inf ({bad_ref} completion tokens this step): the "
+          f"reference parameters are broken; {where}, with the same broken reference unless "
+          "it is fixed; check model.path or set grpo.beta=0")
     raise UserError(
         f"step {step}: {consecutive} optimizer updates in a row had NaN/Inf gradients and were "
-        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); the last good checkpoint "
-        f"is step {last} in {self.ckpt.directory}, where a new run on this workdir resumes; "
+        f"skipped (train.max_nan_steps={self.cfg.train.max_nan_steps}); {where}; "
         "lower train.learning_rate or check the rewards and data")
 
   def _print_eval(self, title: str, ev: dict[str, float]) -> None:
@@ -273,8 +214,8 @@ class Trainer:
     if not self.is_main:
       return
     out_dir = f"{self.workdir}/hf"
-    models.save_pretrained(nnx.merge(self.graphdef, params), out_dir)
-    data_lib.save_tokenizer(self.tokenizer, out_dir)
+    models.save_pretrained(nnx.merge(self.setup.graphdef, params), out_dir)
+    data_lib.save_tokenizer(self.parts.tokenizer, out_dir)
     self._print_eval("after GRPO", final_eval)
     if first_eval and final_eval:
       gain = 100 * (final_eval["eval/pass@1"] - first_eval["eval/pass@1"])
@@ -291,10 +232,12 @@ def run(config, workdir: str | None) -> dict[str, Any]:
     raise UserError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise UserError("--workdir is required: the run directory for checkpoints and metrics")
-  components.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  distributed.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
-  trainer = Trainer(cfg, workdir)
-  return trainer.run()
+  checkpoint_lib.check_writable(workdir, "--workdir")
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    return Trainer(cfg, workdir).run()
 
 
 def main(argv) -> None:

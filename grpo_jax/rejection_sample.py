@@ -12,6 +12,7 @@ at most --max_per_prompt distinct ones per prompt. Writes JSONL rows
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -21,15 +22,14 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from grpo_jax import builder
 from grpo_jax import cli
-from grpo_jax import components
 from grpo_jax import config as config_lib
-from grpo_jax import data as data_lib
+from grpo_jax import distributed
 from grpo_jax import evaluate as evaluate_lib
-from grpo_jax import sampler
+from grpo_jax import rewards as rewards_lib
 from grpo_jax import scoring
 from grpo_jax.errors import UserError, exit_on_user_error
-
 
 
 def select(rows, texts, totals, k: int, min_reward: float, max_per_prompt: int):
@@ -53,24 +53,19 @@ def run(config, out: str | None, *, k: int, min_reward: float | None, max_per_pr
     raise UserError("--config and --out are required")
   if k < 1 or max_per_prompt < 1:
     raise UserError(f"--k={k} and --max_per_prompt={max_per_prompt} must be at least 1")
-  components.init_distributed()  # before anything (freeze counts the devices) touches jax
+  distributed.init_distributed()  # before anything (freeze counts the devices) touches jax
   cfg = config_lib.freeze(config)
-  tokenizer, model = components.load_model(cfg)
-  rows, _ = components.load_rows(cfg)
+  tokenizer, model = builder.load_model(cfg)
+  rows, _ = builder.load_rows(cfg)
   rows = rows[:num_prompts] if num_prompts else rows
-  specs = components.reward_specs(cfg)
+  specs = rewards_lib.parse_spec(cfg.rewards)
   if min_reward is None:
     min_reward = sum(s.weight for s in specs if s.weight > 0)
   graphdef, params = nnx.split(model)
-  sample_fn = evaluate_lib.make_sample_fn(graphdef, sampler.SampleConfig(
-      max_new_tokens=cfg.sampler.max_new_tokens, temperature=cfg.sampler.temperature,
-      top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
-      eos_token_ids=components.eos_token_ids(tokenizer, model),
-      pad_token_id=data_lib.pad_id(tokenizer)))
+  settings = builder.sampling_settings(cfg, tokenizer, model.config)
+  sample_fn = evaluate_lib.make_sample_fn(graphdef, dataclasses.replace(settings, stop_at_eos=True))
   texts, lengths = evaluate_lib.sample_completions(
-      sample_fn, params, tokenizer, rows, k, jax.random.key(cfg.train.seed),
-      buckets=cfg.data.prompt_buckets, max_prompt_len=cfg.data.max_prompt_len,
-      use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt)
+      sample_fn, params, tokenizer, rows, k, jax.random.key(cfg.train.seed), cfg.data)
   scorer = scoring.Scorer(tokenizer, rows, specs, max_new_tokens=cfg.sampler.max_new_tokens,
                           timeout_s=cfg.rewards_timeout_s)
   result = scorer.score_texts([r for r in rows for _ in range(k)], texts, lengths)

@@ -22,26 +22,40 @@ from flax import struct
 
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import models
-from grpo_jax.config import DataCfg
+from grpo_jax.config import DataCfg, SamplerCfg
 from grpo_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
-class SampleConfig:
-  """Static sampling settings (hashable: a jit compiles once per value).
+class SamplingSettings:
+  """What sampling depends on (hashable: a jit compiles once per value): the `sampler`
+  config section's values and the tokenizer's EOS and pad ids.
 
   Values are trusted: user input is validated where the config is read.
   """
 
-  max_new_tokens: int
-  temperature: float = 1.0
+  max_new_tokens: int  # N
+  temperature: float = 1.0  # 0: greedy
   top_p: float = 1.0
-  top_k: int = 0
+  top_k: int = 0  # 0: off
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
-  stop_at_eos: bool = True
+  stop_at_eos: bool = True  # False: exactly N tokens per row
 
   def __post_init__(self):
     object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+  @classmethod
+  def from_config(cls, sampler: SamplerCfg, *, eos_token_ids: Sequence[int],
+                  pad_token_id: int) -> SamplingSettings:
+    """The settings of a frozen `sampler` config section and the tokenizer's ids."""
+    return cls(max_new_tokens=sampler.max_new_tokens, temperature=sampler.temperature,
+               top_p=sampler.top_p, top_k=sampler.top_k, eos_token_ids=tuple(eos_token_ids),
+               pad_token_id=pad_token_id, stop_at_eos=sampler.stop_at_eos)
+
+  @property
+  def logprob_temperature(self) -> float:
+    """The temperature log-probs are taken at: the sampling one; 1 for greedy sampling."""
+    return self.temperature or 1.0
 
 
 @struct.dataclass
@@ -143,7 +157,7 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float = 1
 
 
 def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                  key: jax.Array, settings: SampleConfig,
+                  key: jax.Array, settings: SamplingSettings,
                   samples_per_prompt: int = 1) -> SamplerOutput:
   """Pure sampling from left-padded prompts [P, T]; traceable inside any jit.
 
@@ -216,7 +230,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
 
 @jax.jit(static_argnames=("settings", "samples_per_prompt"))
 def generate_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: jax.Array,
-                 prompt_mask: jax.Array, key: jax.Array, settings: SampleConfig,
+                 prompt_mask: jax.Array, key: jax.Array, settings: SamplingSettings,
                  samples_per_prompt: int = 1) -> SamplerOutput:
   """`generate_from` compiled over the split model (graphdef static, params traced)."""
   return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings,
@@ -234,7 +248,7 @@ def generate(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: j
   Compiles once per (P, T, N, settings, samples_per_prompt); use `bucket_length` /
   `pad_prompts` to keep T to a few values. See `sample_token` for what the log-probs are.
   """
-  settings = SampleConfig(
+  settings = SamplingSettings(
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, stop_at_eos=stop_at_eos)
   graphdef, params = nnx.split(model)

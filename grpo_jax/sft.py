@@ -22,17 +22,18 @@ import optax
 from absl import flags, logging
 from flax import nnx
 
+from grpo_jax import builder
 from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import cli
-from grpo_jax import components
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
-from grpo_jax import logprobs as logprobs_lib
+from grpo_jax import distributed
+from grpo_jax import liveness
 from grpo_jax import metrics as metrics_lib
 from grpo_jax import models
-from grpo_jax import train_step as train_step_lib
+from grpo_jax import optimizer as optimizer_lib
+from grpo_jax import signals
 from grpo_jax.errors import UserError, exit_on_user_error
-
 
 
 def response_of(row: dict[str, Any]) -> str:
@@ -46,7 +47,8 @@ def response_of(row: dict[str, Any]) -> str:
 
 
 def sft_rows(cfg: config_lib.Config) -> list[dict[str, Any]]:
-  source = cfg.sft.source or cfg.data.source
+  """The rows of sft.source (data.source unless set)."""
+  source = cfg.sft.source
   return data_lib.load_rows(source, split="train", seed=cfg.train.seed,
                             skip_bad_rows=cfg.data.skip_bad_rows, required=("prompt", "response")
                             if source.startswith("jsonl:") else ("prompt", "answer"))
@@ -57,7 +59,7 @@ def nll_loss(graphdef, params, tokens, loss_mask, attention_mask) -> jax.Array:
   model = nnx.merge(graphdef, params)
   h_btd, _ = model.hidden(tokens, positions=models.positions_from_mask(attention_mask),
                           attention_mask=attention_mask)
-  logps = logprobs_lib.chunked_token_logprobs(h_btd[:, :-1], model.unembed(), tokens[:, 1:])
+  logps = model.token_logprobs(h_btd[:, :-1], tokens[:, 1:])
   mask = loss_mask[:, 1:].astype(jnp.float32)
   return -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
@@ -93,7 +95,7 @@ def delete_checkpoints(cfg: config_lib.Config, workdir: str) -> None:
 def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_lib.MetricsWriter,
           rows: Sequence[dict[str, Any]] | None = None, *,
           ckpt: checkpoint_lib.Checkpointer | None = None,
-          stop: components.StopRequest | None = None) -> tuple[Any, bool]:
+          stop: signals.StopRequest | None = None) -> tuple[Any, bool]:
   """Runs cfg.sft.num_steps SFT updates from params; returns (params, finished).
 
   Metrics go to the writer as step-0 records with "sft/step", "sft/loss", "sft/grad_norm".
@@ -103,17 +105,15 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   """
   rows = list(rows if rows is not None else sft_rows(cfg))
   if not rows:
-    raise UserError(f"sft.source={cfg.sft.source or cfg.data.source!r} has no rows")
+    raise UserError(f"sft.source={cfg.sft.source!r} has no rows")
   s = cfg.sft
-  tx, _ = train_step_lib.make_optimizer(
-      learning_rate=s.learning_rate, total_updates=s.num_steps, warmup_steps=s.num_steps // 10,
-      max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay)
+  tx, _ = optimizer_lib.for_sft(cfg)
   state = {"params": params, "opt_state": tx.init(params)}
   step_fn = make_sft_step(graphdef, tx)
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
-  start = (ckpt.latest_step() if ckpt is not None else None) or 0
-  if start:
-    state, meta = ckpt.restore(state, step=start)
+  start, restored = 0, ckpt.restore_newest_good(state) if ckpt is not None else None
+  if restored:
+    start, state, meta = restored
     stream.restore(meta["data"])
     if writer.enabled:
       print(f"resumed SFT from {ckpt.directory}/{start}", flush=True)
@@ -123,11 +123,9 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
                                   enabled=writer.enabled, title="sft")
   for i in range(start + 1, s.num_steps + 1):
     batch = stream.next()
-    prompts = [data_lib.format_prompt(tokenizer, r["prompt"],
-                                      use_chat_template=cfg.data.use_chat_template,
-                                      system_prompt=cfg.data.system_prompt) for r in batch]
     tokens, loss_mask, attention_mask = data_lib.encode_sft(
-        tokenizer, prompts, [response_of(r) for r in batch], max_len=s.max_len)
+        tokenizer, data_lib.format_row_prompts(tokenizer, batch, cfg.data),
+        [response_of(r) for r in batch], max_len=s.max_len)
     params, opt_state, loss, grad_norm = step_fn(state["params"], state["opt_state"],
                                                  jnp.asarray(tokens), jnp.asarray(loss_mask),
                                                  jnp.asarray(attention_mask))
@@ -151,28 +149,31 @@ def run(config, workdir: str | None) -> str:
   if config is None or not workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/demo.py "
                     "--workdir=runs/sft")
-  components.init_distributed()  # before anything (freeze counts the devices) touches jax
+  # Before anything (freeze counts the devices) touches jax.
+  distributed.init_distributed(liveness.heartbeat_timeout_s(config))
   cfg = config_lib.freeze(config)
   if cfg.sft.num_steps <= 0:
     raise UserError(f"sft.num_steps={cfg.sft.num_steps}: set a positive number of SFT steps")
-  tokenizer, model = components.load_model(cfg)
-  graphdef, params = nnx.split(model)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                                     tensorboard=cfg.logging.tensorboard)
-  ckpt = checkpointer(cfg, workdir)
-  params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
-                           stop=components.StopRequest())
-  ckpt.close()
-  writer.close()
-  if not finished:
-    return ""
-  out_dir = f"{workdir}/hf"
-  if jax.process_index() == 0:
-    models.save_pretrained(nnx.merge(graphdef, params), out_dir)
-    data_lib.save_tokenizer(tokenizer, out_dir)
-    logging.info("wrote %s", out_dir)
-  delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
-  return out_dir
+  checkpoint_lib.check_writable(workdir, "--workdir")
+  with liveness.watch(cfg.mesh.process_timeout_s):
+    tokenizer, model = builder.load_model(cfg)
+    graphdef, params = nnx.split(model)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                       tensorboard=cfg.logging.tensorboard)
+    ckpt = checkpointer(cfg, workdir)
+    params, finished = train(cfg, tokenizer, graphdef, params, writer, ckpt=ckpt,
+                             stop=signals.StopRequest())
+    ckpt.close()
+    writer.close()
+    if not finished:
+      return ""
+    out_dir = f"{workdir}/hf"
+    if jax.process_index() == 0:
+      models.save_pretrained(nnx.merge(graphdef, params), out_dir)
+      data_lib.save_tokenizer(tokenizer, out_dir)
+      logging.info("wrote %s", out_dir)
+    delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
+    return out_dir
 
 
 def main(argv) -> None:

@@ -1,38 +1,46 @@
 """One GRPO step as one jitted, pure function: `train_step(state, batch) -> (state, metrics)`.
 
-Inside the one compiled program:
+The step calls one function per phase, in the algorithm's order:
 
-  prompts [B, T] --G each--> sampler.generate --> completions [B*G, N], mask, sampling log-probs
-    --> rewards [B*G] (Python reward functions, reached through `io_callback`)
-    --> advantages [B*G] --> old (mu > 1 or several minibatches) and reference (beta > 0)
-        log-probs [B*G, N]
-    --> mu iterations x M minibatches (whole groups each) x A accumulated micro-batches of
-        value_and_grad(grpo_loss) --> optax update
-    --> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
+  prompts [B', T] --sample--> G completions each                   Rollout, B' * G rows
+    --score--> rewards of the completions (host callback)            scoring.Rewards [B' G]
+               (process supervision: and of their steps)                  [B' G, S]
+    --select_groups--> dynamic sampling: B of the B' groups, those with signal first
+                                                                    Selection, R = B * G rows
+    --advantage--> group-relative advantages, the loss mask          Advantages [R] or [R, N]
+    --reference_logps--> pi_old (mu x M > 1) and pi_ref (beta > 0)  [R, N] each
+    --update--> mu iterations x M minibatches (whole groups) x A micro-batches of
+                value_and_grad(grpo_loss), one optimizer update per minibatch; the log-prob
+                pass also gives token entropies (rl/entropy, grpo.top_entropy_quantile)
+    --reset_reference--> iterative GRPO: pi_ref <- pi_theta every `ref_reset_every` steps
 
-The state is donated. Randomness: `fold_in(state.key, state.step)`.
+B' = B without dynamic sampling (grpo.oversample = 1). Prompts stay prompts ([B, T], or
+[R / S, T]): S consecutive rows of a group share one prompt, which runs through the model
+once for them in sampling, the log-prob passes and the update (completion_logps.py); S is
+`prompt_share` of the rows of the pass. The state is donated. Randomness:
+`fold_in(state.key, state.step)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import io_callback
 
 from grpo_jax import advantages as advantages_lib
-from grpo_jax import logprobs as logprobs_lib
+from grpo_jax import completion_logps as logps_lib
+from grpo_jax import config as config_lib
 from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
-from grpo_jax import models
 from grpo_jax import sampler as sampler_lib
+from grpo_jax import scoring
 
 
 @flax.struct.dataclass
@@ -46,74 +54,80 @@ class TrainState:
 
 @flax.struct.dataclass
 class Batch:
-  prompt_tokens: jax.Array  # [B, T] int32, left padded
-  prompt_mask: jax.Array  # [B, T] int32
-  row_ids: jax.Array  # [B] int32, index of each prompt's row for the reward callback
+  """The prompts a step samples: B' = B, or round(B * grpo.oversample) for dynamic sampling."""
+
+  prompt_tokens: jax.Array  # [B', T] int32, left padded
+  prompt_mask: jax.Array  # [B', T] int32
+  row_ids: jax.Array  # [B'] int32: each prompt's row in the reward callback's dataset rows
+
+
+@flax.struct.dataclass
+class Rollout:
+  """G sampled completions of each prompt, a group's rows consecutive."""
+
+  prompt_tokens: jax.Array  # [R / S, T] int32: the prompt of each block of S rows
+  prompt_mask: jax.Array  # [R / S, T] int32
+  tokens: jax.Array  # [R, N] int32, pad after EOS
+  mask: jax.Array  # [R, N] int32: 1 up to and including EOS
+  finished: jax.Array  # [R] bool: the completion reached an EOS
+
+
+@flax.struct.dataclass
+class Advantages:
+  # [R] float32: (r - group mean) / group std (grpo.scale_rewards); process supervision:
+  # [R, N], each token's sum of the group-normalised rewards of its row's steps from it on
+  advs: jax.Array
+  loss_mask: jax.Array  # [R, N] int32: the tokens the loss counts
+  kept: jax.Array  # [R] float32: 1 for the rows the update uses, 0 for dropped groups
+  zero_std: jax.Array  # [B] bool: the group has no signal (zero_std_groups)
+
+
+@flax.struct.dataclass
+class Selection:
+  """The B groups a step trains on, of the B' it sampled (dynamic sampling)."""
+
+  rollout: Rollout  # the kept groups' rows, R = B * G
+  rewards: scoring.Rewards  # their rewards ([R], [F, R], [R, S])
+  with_signal: jax.Array  # [B'] bool: the sampled groups that have signal (not zero_std_groups)
+
+
+@flax.struct.dataclass
+class LossBatch:
+  """What the loss reads, for R rows: [R, ...], or [M, A, R / (M A), ...] split into
+  minibatches of micro-batches (prompts then [M, A, R / (M A S), T])."""
+
+  prompt_tokens: jax.Array  # [R / S, T]
+  prompt_mask: jax.Array  # [R / S, T]
+  tokens: jax.Array  # [R, N]
+  mask: jax.Array  # [R, N]: the completion tokens the model runs on
+  loss_mask: jax.Array  # [R, N]
+  advs: jax.Array  # [R] or [R, N]
+  kept: jax.Array  # [R]
+  old_logps: jax.Array | None  # [R, N], None when pi_old is the current policy
+  ref_logps: jax.Array | None  # [R, N], None when beta == 0
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """What the compiled step depends on (static, hashable)."""
+class StepSettings:
+  """What the compiled step depends on besides the state and the batch (static)."""
 
-  num_generations: int  # G
-  num_iterations: int = 1  # mu
-  minibatches: int = 1  # M per iteration, whole groups each
-  grad_accum_steps: int = 1  # A micro-batches per minibatch
-  beta: float = 0.0
-  epsilon_low: float = 0.2
-  epsilon_high: float | None = None
-  delta: float | None = None
-  loss_type: str = "grpo"
-  importance_sampling_level: str = "token"
-  scale_rewards: str = "group"
-  drop_zero_std_groups: bool = False
-  mask_truncated_completions: bool = False
-  ref_reset_every: int = 0
-  sampling: sampler_lib.SampleConfig = sampler_lib.SampleConfig(max_new_tokens=64)
-  reward_names: tuple[str, ...] = ()
-
-  @property
-  def needs_old_logps(self) -> bool:
-    """pi_old differs from pi_theta after the first update of a sampled batch."""
-    return self.num_iterations > 1 or self.minibatches > 1
+  grpo: config_lib.GrpoCfg
+  grad_accum_steps: int  # A, train.grad_accum_steps
+  sampling: sampler_lib.SamplingSettings
+  row_shards: int = 1  # how many ways the mesh splits the rows (mesh.row_shards)
+  kept_groups: int = 0  # B, the groups the update trains on (of B' sampled); 0 = all sampled
 
 
-# The host side of the reward callback: (row_ids [B], tokens [B*G, N], mask [B*G, N]) ->
-# (total [B*G] float32, per-function [F, B*G] float32 with NaN for no score, failures int32 []).
-RewardCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the step's arrays live on the mesh: the params' training shardings, and the rows'
+  sharding (sampling gathers the weights over the batch axes, see mesh.py)."""
+
+  params: Any  # nnx.State of NamedSharding, like TrainState.params
+  rows: jax.sharding.NamedSharding
 
 
-def make_optimizer(
-    *,
-    learning_rate: float,
-    total_updates: int,
-    warmup_steps: int = 0,
-    schedule: str = "cosine",
-    max_grad_norm: float | None = 1.0,
-    weight_decay: float = 0.0,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then cosine decay (or constant), global-norm clipping.
-
-  Updates whose gradients hold NaN or Inf are skipped (optax.apply_if_finite) and counted.
-  Returns the transformation and its learning-rate schedule (over optimizer updates).
-  """
-  warmup_steps = min(warmup_steps, max(total_updates - 1, 0))
-  if schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(total_updates, warmup_steps + 1), 0.0)
-  else:
-    lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-         optax.constant_schedule(learning_rate)], [warmup_steps])
-  chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
-  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  # Non-finite updates are always skipped (never applied after a streak); the trainer stops
-  # the run after train.max_nan_steps in a row.
-  tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 1)
-  return tx, lr
+RewardFn = Callable[[Any, Any, Any], scoring.Rewards]  # the Scorer's contract
 
 
 def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: int,
@@ -136,220 +150,338 @@ def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: i
   )
 
 
-def completion_logps(graphdef, params, prompt_tokens, prompt_mask, completion_tokens,
-                     completion_mask, temperature: float) -> jax.Array:
-  """Log-probs [R, N] float32 of completion_tokens [R, N] after their prompts, under params.
+# -- the phases, in the order the step runs them ------------------------------------------------
 
-  prompt_tokens / prompt_mask [P, T] (left padded) are the prompts of the R = P * S rows, S
-  consecutive rows each (S = 1: one prompt per row). Each prompt runs through the model once
-  and its keys and values serve its S completions: the prompt costs 1/S of a forward over the
-  concatenated rows, whose log-probs these equal. Token T + n is predicted by the hidden state
-  at T + n - 1; the vocab projection is chunked so that [R, N, V] float32 logits never exist.
+
+def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSettings,
+           layout: Layout | None = None) -> Rollout:
+  """G completions of each of the B prompts from the current params (pi_old).
+
+  Each shard's rows are whole blocks of S rows, and a block's prompt is prefilled once. With
+  a layout, sampling runs in the rollout layout of mesh.py (rows over the batch axes, the
+  weights gathered over them in the compute dtype).
   """
-  model = nnx.merge(graphdef, params)
-  num_prompts, t = prompt_tokens.shape
-  r, n = completion_tokens.shape
-  per_row = lambda x: jnp.repeat(x, r // num_prompts, axis=0)  # [P, ...] -> [R, ...]
-  remat = model.config.remat
-  cache = models.init_cache(model.config, num_prompts, t)
-  h_ptd, cache = model.hidden(prompt_tokens, positions=models.positions_from_mask(prompt_mask),
-                              attention_mask=prompt_mask, cache=cache, cache_index=0, remat=remat)
-  h_rnd = per_row(h_ptd[:, -1:])  # the last prompt token predicts the first completion token
-  if n > 1:
-    # Completion token n sits at position (real prompt tokens) + (real tokens up to n) - 1.
-    positions = per_row(prompt_mask.sum(-1, keepdims=True)) + jnp.cumsum(completion_mask, -1) - 1
-    h_rest, _ = model.hidden(
-        completion_tokens[:, :-1], positions=jnp.maximum(positions[:, :-1], 0),
-        attention_mask=completion_mask[:, :-1],
-        cache=models.expand_cache(cache, r // num_prompts, t + n - 1),
-        cache_index=t, remat=remat)
-    h_rnd = jnp.concatenate([h_rnd, h_rest], axis=1)
-  return logprobs_lib.chunked_token_logprobs(h_rnd, model.unembed(), completion_tokens,
-                                             temperature=temperature)
+  g = settings.grpo.num_generations
+  share = logps_lib.prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
+  prompt_tokens = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / S, T]
+  prompt_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
+  if layout is not None:
+    prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, layout.rows)
+    prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, layout.rows)
+    compute_dtype = nnx.merge(graphdef, params).config.compute_dtype
+    params = mesh_lib.rollout_params(params, layout.params, compute_dtype)
+  out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
+                                  settings.sampling, samples_per_prompt=share)
+  mask = out.mask.astype(jnp.int32)
+  eos_ids = jnp.asarray(settings.sampling.eos_token_ids or (-1,), jnp.int32)
+  finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (mask > 0), axis=-1)
+  return Rollout(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, tokens=out.tokens,
+                 mask=mask, finished=finished)
 
 
-def prompt_share(num_generations: int, rows: int, row_shards: int = 1) -> int:
-  """S, how many consecutive rows share a prompt forward in rows_logps: gcd(G, rows per shard).
+def score(reward_fn: RewardFn, num_rewards: int, row_ids: jax.Array, rollout: Rollout,
+          step_slots: int = 0) -> scoring.Rewards:
+  """The rewards of the R completions from the host callback `reward_fn` (scoring.Scorer's
+  contract), reached from inside the compiled step; F = num_rewards reward functions, and
+  S = step_slots steps a completion under process supervision (0: none)."""
+  r = rollout.tokens.shape[0]
+  shape = jax.ShapeDtypeStruct
+  shapes = scoring.Rewards(total=shape((r,), jnp.float32),
+                           per_fn=shape((num_rewards, r), jnp.float32),
+                           failures=shape((), jnp.int32), seconds=shape((), jnp.float32))
+  if step_slots:
+    shapes = shapes.replace(step_rewards=shape((r, step_slots), jnp.float32),
+                            step_ends=shape((r, step_slots), jnp.int32),
+                            steps_truncated=shape((r,), jnp.int32))
+  return io_callback(reward_fn, shapes, row_ids, rollout.tokens, rollout.mask, ordered=False)
 
-  S divides G (a block of S rows has one prompt) and each shard's rows (so the prompts split
-  over the shards like the rows); rows that do not split evenly over the shards take gcd(G, R).
+
+def zero_std_groups(rewards: scoring.Rewards, group_size: int) -> jax.Array:
+  """[B] True for the groups without signal, whose advantages are all 0: every reward of the
+  group is the same, or, under process supervision, every reward of all its rows' steps."""
+  if rewards.step_rewards is None:
+    return advantages_lib.zero_std_groups(rewards.total, group_size)
+  return advantages_lib.zero_std_step_groups(rewards.step_rewards, rewards.step_ends,
+                                             group_size)
+
+
+def select_groups(batch: Batch, rollout: Rollout, rewards: scoring.Rewards,
+                  settings: StepSettings, layout: Layout | None = None) -> Selection:
+  """Dynamic sampling (DAPO): the B = settings.kept_groups groups to train on, of the B'
+  sampled. Groups with signal come first, then those without (advantages 0), each in the
+  order they were sampled: fewer than B with signal fills the rest with groups without.
+  A group's rows, prompt and rewards go with it; with a layout the kept rows are laid out
+  over the mesh's batch axes again. B = B' keeps every group where it is.
   """
-  return math.gcd(num_generations, rows // row_shards if rows % row_shards == 0 else rows)
+  g = settings.grpo.num_generations
+  with_signal = ~zero_std_groups(rewards, g)  # [B']
+  sampled, kept = with_signal.shape[0], settings.kept_groups or with_signal.shape[0]
+  if kept == sampled:
+    return Selection(rollout=rollout, rewards=rewards, with_signal=with_signal)
+  groups = jnp.argsort(~with_signal, stable=True)[:kept]  # [B]
+  rows = (groups[:, None] * g + jnp.arange(g)).reshape(-1)  # [R]
+  share = logps_lib.prompt_share(g, kept * g, settings.row_shards)
+  prompts = lambda x: jnp.repeat(x[groups], g // share, axis=0)  # [R / S, T]
+  kept_rollout = Rollout(
+      prompt_tokens=prompts(batch.prompt_tokens), prompt_mask=prompts(batch.prompt_mask),
+      tokens=rollout.tokens[rows], mask=rollout.mask[rows], finished=rollout.finished[rows])
+  if layout is not None:
+    kept_rollout = jax.lax.with_sharding_constraint(kept_rollout, layout.rows)
+  steps = lambda x: None if x is None else x[rows]
+  kept_rewards = rewards.replace(
+      total=rewards.total[rows], per_fn=rewards.per_fn[:, rows],
+      step_rewards=steps(rewards.step_rewards), step_ends=steps(rewards.step_ends),
+      steps_truncated=steps(rewards.steps_truncated))
+  return Selection(rollout=kept_rollout, rewards=kept_rewards, with_signal=with_signal)
 
 
-def rows_logps(graphdef, params, rows: dict[str, jax.Array], num_generations: int,
-               temperature: float, row_shards: int = 1) -> jax.Array:
-  """completion_logps [R, N] of rows: prompt_tokens / prompt_mask [R, T] (each prompt repeated
-  over its G consecutive rows, the first row at a group boundary), tokens / mask [R, N], split
-  over row_shards devices; each block of prompt_share(...) rows runs its prompt once.
+def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoCfg
+              ) -> Advantages:
+  """Group-relative advantages and the loss mask: truncated completions masked out with
+  grpo.mask_truncated_completions, groups without signal dropped with
+  grpo.drop_zero_std_groups. Outcome supervision: one advantage a row, from rewards.total;
+  process supervision: one a token (advantages.process_advantages of the steps)."""
+  g = grpo.num_generations
+  zero_std = zero_std_groups(rewards, g)
+  loss_mask = rollout.mask
+  if grpo.mask_truncated_completions:
+    loss_mask = loss_mask * rollout.finished[:, None].astype(jnp.int32)
+  kept = jnp.ones(rewards.total.shape, jnp.float32)
+  if grpo.drop_zero_std_groups:
+    kept = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
+    loss_mask = loss_mask * kept[:, None].astype(jnp.int32)
+  if grpo.supervision == "process":
+    advs = advantages_lib.process_advantages(rewards.step_rewards, rewards.step_ends,
+                                             rollout.tokens.shape[1], g)
+  else:
+    advs = advantages_lib.group_advantages(rewards.total, g, scale=grpo.scale_rewards)
+  return Advantages(advs=advs, loss_mask=loss_mask, kept=kept, zero_std=zero_std)
+
+
+def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings,
+                    layout: Layout | None = None) -> tuple[jax.Array | None, jax.Array | None]:
+  """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
+  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0. With a
+  layout the forward keeps each device's rows (Transformer.hidden's activation_sharding)."""
+  logps = lambda params: jax.lax.stop_gradient(logps_lib.completion_logps(
+      graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
+      rollout.mask, settings.sampling.logprob_temperature, _rows(layout)))
+  old = logps(state.params) if settings.grpo.needs_old_logps else None
+  ref = logps(state.ref_params) if settings.grpo.beta > 0 else None
+  return old, ref
+
+
+def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
+                 settings: StepSettings) -> LossBatch:
+  """The loss's inputs split into M minibatches of A micro-batches, [M, A, R / (M A), ...].
+
+  Contiguous splits keep groups whole as long as B % (M A) == 0 (config validation). Each
+  micro-batch's prompts are shared by prompt_share(...) of its rows.
   """
-  share = prompt_share(num_generations, rows["tokens"].shape[0], row_shards)
-  return completion_logps(graphdef, params, rows["prompt_tokens"][::share],
-                          rows["prompt_mask"][::share], rows["tokens"], rows["mask"], temperature)
+  m, a = settings.grpo.minibatches_per_iteration, settings.grad_accum_steps
+  r = rollout.tokens.shape[0]
+  share = logps_lib.prompt_share(settings.grpo.num_generations, r // (m * a),
+                                 settings.row_shards)
+  copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
+  batch = LossBatch(
+      prompt_tokens=jnp.repeat(rollout.prompt_tokens, copies, axis=0),
+      prompt_mask=jnp.repeat(rollout.prompt_mask, copies, axis=0),
+      tokens=rollout.tokens, mask=rollout.mask, loss_mask=advs.loss_mask, advs=advs.advs,
+      kept=advs.kept, old_logps=old_logps, ref_logps=ref_logps)
+  return jax.tree.map(lambda x: x.reshape((m, a, -1) + x.shape[1:]), batch)
+
+
+def _rows(layout: Layout | None):
+  """The rows' sharding of a layout (None: no constraint)."""
+  return None if layout is None else layout.rows
+
+
+def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
+               minibatch_rows: jax.Array, *, graphdef, settings: StepSettings,
+               layout: Layout | None = None):
+  """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
+  that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux).
+
+  The log-prob pass also gives each token's entropy: with grpo.top_entropy_quantile = q < 1
+  the policy term counts only the micro-batch's top q of loss tokens by entropy
+  (loss.high_entropy_mask, as TRL takes it over each micro-batch); aux adds the entropy's
+  sum and token count over the completion tokens (micro.mask), for rl/entropy.
+  """
+  g = settings.grpo
+  logps, entropy = logps_lib.completion_logps_and_entropy(
+      graphdef, params, micro.prompt_tokens, micro.prompt_mask, micro.tokens, micro.mask,
+      settings.sampling.logprob_temperature, _rows(layout))
+  policy_mask = None
+  if g.top_entropy_quantile < 1:
+    policy_mask = loss_lib.high_entropy_mask(entropy, micro.loss_mask, g.top_entropy_quantile)
+  value, aux = loss_lib.grpo_loss(
+      logps, micro.old_logps, micro.ref_logps, micro.advs, micro.loss_mask,
+      epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta, beta=g.beta,
+      loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
+      max_completion_length=settings.sampling.max_new_tokens,
+      num_items_in_batch=minibatch_tokens, num_rows=minibatch_rows, policy_mask=policy_mask)
+  mask = micro.mask.astype(jnp.float32)
+  return value, dict(aux, entropy_sum=jnp.sum(entropy * mask), entropy_tokens=jnp.sum(mask))
+
+
+def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
+                     minibatch: LossBatch, settings: StepSettings, layout: Layout | None = None):
+  """One optimizer update from a minibatch of A micro-batches [A, ...], whose gradients are
+  accumulated (summed: their losses share the minibatch's normalisers).
+  Returns (params, opt_state, {"loss", "grad_norm", and grpo_loss's aux averaged})."""
+  grad_fn = jax.value_and_grad(functools.partial(micro_loss, graphdef=graphdef, settings=settings,
+                                                 layout=layout), has_aux=True)
+  tokens = minibatch.loss_mask.sum().astype(jnp.float32)
+  rows = minibatch.kept.sum()
+  a = settings.grad_accum_steps
+
+  def accumulate(acc, micro):
+    (value, aux), grads = grad_fn(params, micro, tokens, rows)
+    acc_grads, acc_value, acc_aux = acc
+    return (jax.tree.map(jnp.add, acc_grads, grads), acc_value + value,
+            jax.tree.map(lambda x, y: x + y / a, acc_aux, aux)), None
+
+  first = jax.tree.map(lambda x: x[0], minibatch)
+  aux_shapes = jax.eval_shape(lambda: grad_fn(params, first, tokens, rows)[0][1])
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+  (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, dict(loss=value, grad_norm=grad_norm,
+                                                                **aux)
+
+
+def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batches: LossBatch,
+           settings: StepSettings, layout: Layout | None = None):
+  """mu iterations over the M minibatches of `batches` [M, A, ...], one optimizer update each.
+  Returns (params, opt_state, metrics stacked over the mu x M updates)."""
+  m = settings.grpo.minibatches_per_iteration
+
+  def one(carry, idx):
+    minibatch = jax.tree.map(lambda x: x[idx % m], batches)
+    params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings,
+                                                  layout)
+    return (params, opt_state), metrics
+
+  indices = jnp.arange(settings.grpo.updates_per_step, dtype=jnp.int32)
+  (params, opt_state), metrics = jax.lax.scan(one, (params, opt_state), indices)
+  return params, opt_state, metrics
+
+
+def reset_reference(ref_params, params, step: jax.Array, every: int):
+  """Iterative GRPO: pi_ref becomes the current policy after every `every`-th step."""
+  if ref_params is None or every <= 0:
+    return ref_params
+  return jax.lax.cond(step % every == 0, lambda: params, lambda: ref_params)
+
+
+def step_metrics(rollout: Rollout, rewards: scoring.Rewards, selection: Selection,
+                 advs: Advantages, update_metrics: dict[str, jax.Array], opt_state,
+                 learning_rate: jax.Array, reward_names: tuple[str, ...],
+                 ref_logps: jax.Array | None) -> dict[str, jax.Array]:
+  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates.
+
+  What was sampled and its rewards are measured over the B' sampled groups (rollout,
+  rewards); the advantages and the update over the B kept ones (selection, advs).
+  "train/nonfinite_ref_logps" counts the kept completion tokens whose reference log-prob is
+  NaN or infinite: a broken reference makes the loss, hence the update, non-finite.
+  """
+  lengths = rollout.mask.sum(-1)
+  kept_rows = selection.rollout.mask
+  kept_groups = kept_rows.shape[0] // (lengths.shape[0] // selection.with_signal.shape[0])
+  with_signal = selection.with_signal.sum()
+  nonfinite_ref = jnp.int32(0)
+  if ref_logps is not None:
+    nonfinite_ref = jnp.sum(~jnp.isfinite(ref_logps) & (kept_rows > 0), dtype=jnp.int32)
+  metrics = {
+      "train/loss": update_metrics["loss"].mean(),
+      "train/grad_norm": update_metrics["grad_norm"].mean(),
+      "train/learning_rate": learning_rate,
+      "train/nonfinite_updates": opt_state.total_notfinite,
+      "train/nonfinite_consecutive": opt_state.notfinite_count,
+      "train/nonfinite_ref_logps": nonfinite_ref,
+      "rl/reward_mean": rewards.total.mean(),
+      "rl/reward_std": rewards.total.std(ddof=1),
+      "rl/kl": update_metrics["kl"].mean(),
+      "rl/entropy": (update_metrics["entropy_sum"].sum()
+                     / jnp.maximum(update_metrics["entropy_tokens"].sum(), 1.0)),
+      "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
+      "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
+      "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
+      "rl/completion_length": lengths.mean(),
+      "rl/frac_truncated": 1.0 - rollout.finished.mean(),
+      "rl/frac_zero_std_groups": advs.zero_std.mean(),
+      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), kept_rows),
+      "rl/groups_sampled": jnp.float32(selection.with_signal.shape[0]),
+      "rl/groups_with_signal": with_signal,
+      "rl/groups_short": jnp.maximum(kept_groups - with_signal, 0),
+      "rl/reward_failures": rewards.failures,
+      "perf/rollout_tokens": lengths.sum(),
+      "perf/reward_s": rewards.seconds,
+  }
+  for i, name in enumerate(reward_names):
+    metrics[f"rewards/{name}"] = jnp.nanmean(rewards.per_fn[i])
+  if rewards.step_rewards is not None:
+    metrics.update(step_reward_metrics(rewards))
+  return metrics
+
+
+def _token_mean(x: jax.Array, mask_rn: jax.Array) -> jax.Array:
+  """The mean of x [R] over rows, or of x [R, N] over the completion tokens mask_rn [R, N]."""
+  if x.ndim == 1:
+    return x.mean()
+  return jnp.sum(x * mask_rn) / jnp.maximum(jnp.sum(mask_rn), 1)
+
+
+def step_reward_metrics(rewards: scoring.Rewards) -> dict[str, jax.Array]:
+  """Process supervision's metrics: the mean step reward (NaN without any scored step), the
+  steps a completion (merged ones included) and the steps merged away, of the batch."""
+  has_step = rewards.step_ends >= 0
+  return {
+      "rl/step_reward_mean": jnp.nanmean(jnp.where(has_step, rewards.step_rewards, jnp.nan)),
+      "rl/steps_per_completion": jnp.mean(has_step.sum(-1) + rewards.steps_truncated),
+      "rl/steps_truncated": rewards.steps_truncated.sum(),
+  }
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
+               settings: StepSettings, reward_fn: RewardFn, reward_names: tuple[str, ...],
+               layout: Layout | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One GRPO step: the phases above, in order."""
+  key = jax.random.fold_in(state.key, state.step)
+  rollout = sample(graphdef, state.params, batch, key, settings, layout)
+  rewards = score(reward_fn, len(reward_names), batch.row_ids, rollout,
+                  settings.grpo.step_slots)
+  selection = select_groups(batch, rollout, rewards, settings, layout)
+  advs = advantage(selection.rewards, selection.rollout, settings.grpo)
+  old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings, layout)
+  batches = loss_batches(selection.rollout, advs, old_logps, ref_logps, settings)
+  params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
+                                             batches, settings, layout)
+  step = state.step + 1
+  ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
+  learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
+  metrics = step_metrics(rollout, rewards, selection, advs, update_metrics, opt_state,
+                         learning_rate, reward_names, ref_logps)
+  state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
+  return state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, cfg: StepConfig,
-                    reward_callback: RewardCallback, *, state_shardings=None,
-                    metrics_sharding=None, donate: bool = True):
-  """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
+                    lr_schedule: optax.Schedule, settings: StepSettings, reward_fn: RewardFn,
+                    reward_names: tuple[str, ...], *, layout: Layout | None = None,
+                    state_shardings=None, metrics_sharding=None, donate: bool = True):
+  """`train_step` jitted over (state, batch), the rest bound.
 
   With state_shardings the new state keeps the layout of the old one (so donation reuses
-  its buffers), and sampling runs in the rollout layout of mesh.py; metrics come back with
-  metrics_sharding (replicated).
+  its buffers); metrics come back with metrics_sharding (replicated).
   """
-  num_fns = len(cfg.reward_names)
-  row_shards = 1
-  if state_shardings is not None:
-    row_sharding = mesh_lib.batch_sharding(jax.tree.leaves(state_shardings.params)[0].mesh)
-    row_shards = mesh_lib.row_shards(row_sharding.mesh)
-
-  def host_rewards(row_ids, tokens, mask):
-    total, per_fn, failed = reward_callback(np.asarray(row_ids), np.asarray(tokens), np.asarray(mask))
-    return (np.asarray(total, np.float32), np.asarray(per_fn, np.float32).reshape(num_fns, -1),
-            np.asarray(failed, np.int32))
-
-  def train_step(state: TrainState, batch: Batch):
-    g = cfg.num_generations
-    r = batch.prompt_tokens.shape[0] * g  # rows
-    n = cfg.sampling.max_new_tokens
-    temperature = cfg.sampling.temperature or 1.0  # greedy: log-probs at temperature 1
-    key = jax.random.fold_in(state.key, state.step)
-
-    # 1. Rollout: G completions per prompt from pi_old (the current params). Each shard's rows
-    # are whole blocks of `share` rows, and a block's prompt is prefilled once.
-    share = prompt_share(g, r, row_shards)
-    sampler_prompts = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / share, T]
-    sampler_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
-    policy = nnx.merge(graphdef, state.params)
-    if state_shardings is not None:  # the rollout layout of mesh.py: rows over (data, fsdp)
-      sampler_prompts = jax.lax.with_sharding_constraint(sampler_prompts, row_sharding)
-      sampler_mask = jax.lax.with_sharding_constraint(sampler_mask, row_sharding)
-      policy = nnx.merge(graphdef, mesh_lib.rollout_params(
-          state.params, state_shardings.params, policy.config.compute_dtype))
-    out = sampler_lib.generate_from(policy, sampler_prompts, sampler_mask, key, cfg.sampling,
-                                    samples_per_prompt=share)
-    completion_mask = out.mask.astype(jnp.int32)  # [R, N]
-    lengths = completion_mask.sum(-1)
-    eos_ids = jnp.asarray(cfg.sampling.eos_token_ids or (-1,), jnp.int32)
-    finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (completion_mask > 0), axis=-1)  # [R]
-
-    # 2. Rewards on the host, from inside the compiled step.
-    result_shapes = (jax.ShapeDtypeStruct((r,), jnp.float32),
-                     jax.ShapeDtypeStruct((num_fns, r), jnp.float32),
-                     jax.ShapeDtypeStruct((), jnp.int32))
-    rewards, per_fn_rewards, num_failed = io_callback(
-        host_rewards, result_shapes, batch.row_ids, out.tokens, completion_mask, ordered=False)
-
-    # 3. Group-relative advantages [R]; groups whose rewards are all equal carry no signal.
-    advs = advantages_lib.group_advantages(rewards, g, scale=cfg.scale_rewards)
-    zero_std = advantages_lib.zero_std_groups(rewards, g)  # [B]
-    loss_mask = completion_mask
-    if cfg.mask_truncated_completions:
-      loss_mask = loss_mask * finished[:, None].astype(jnp.int32)
-    keep_rows = jnp.ones((r,), jnp.float32)
-    if cfg.drop_zero_std_groups:
-      keep_rows = jnp.repeat(1.0 - zero_std.astype(jnp.float32), g)
-      loss_mask = loss_mask * keep_rows[:, None].astype(jnp.int32)
-
-    # 4. Old and reference log-probs of the completions (a prompt's forward serves its group).
-    logps_of = lambda params, rows: rows_logps(graphdef, params, rows, g, temperature, row_shards)
-    rows = dict(prompt_tokens=jnp.repeat(sampler_prompts, share, axis=0),  # [R, T]
-                prompt_mask=jnp.repeat(sampler_mask, share, axis=0), tokens=out.tokens,
-                mask=completion_mask)
-    old_logps = ref_logps = None
-    if cfg.needs_old_logps:
-      old_logps = jax.lax.stop_gradient(logps_of(state.params, rows))
-    if cfg.beta > 0:
-      ref_logps = jax.lax.stop_gradient(logps_of(state.ref_params, rows))
-
-    # 5. mu iterations over M minibatches of whole groups, A micro-batches each.
-    m, a = cfg.minibatches, cfg.grad_accum_steps
-    rows.update(advs=advs, loss_mask=loss_mask, keep=keep_rows)
-    if old_logps is not None:
-      rows["old_logps"] = old_logps
-    if ref_logps is not None:
-      rows["ref_logps"] = ref_logps
-    # [M, A, R / (M A), ...], contiguous: groups stay whole as long as B % (M A) == 0.
-    rows = jax.tree.map(lambda x: x.reshape((m, a, r // (m * a)) + x.shape[1:]), rows)
-
-    def micro_loss(params, micro, minibatch_tokens, minibatch_kept_rows):
-      logps = logps_of(params, micro)
-      loss_type, num_items = cfg.loss_type, None
-      if cfg.loss_type in ("bnpo", "dapo"):
-        # Token-level normalisers are global over the minibatch: sum over micro-batches.
-        loss_type, num_items = "dapo", jnp.maximum(minibatch_tokens, 1.0)
-      value, aux = loss_lib.grpo_loss(
-          logps, micro.get("old_logps"), micro.get("ref_logps"), micro["advs"], micro["loss_mask"],
-          epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-          beta=cfg.beta, loss_type=loss_type,
-          importance_sampling_level=cfg.importance_sampling_level, max_completion_length=n,
-          num_items_in_batch=num_items)
-      if loss_type in ("grpo", "dr_grpo"):
-        # Row-level normalisers (a mean over rows): re-weight each micro-batch's mean to a
-        # share of the minibatch's kept rows, so the A micro-batches sum to the minibatch loss.
-        value = value * micro["keep"].shape[0] / jnp.maximum(minibatch_kept_rows, 1.0)
-      return value, aux
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def minibatch_update(carry, idx):
-      params, opt_state = carry
-      minibatch = jax.tree.map(lambda x: x[idx % m], rows)  # [A, R/(MA), ...]
-      minibatch_tokens = minibatch["loss_mask"].sum().astype(jnp.float32)
-      minibatch_kept_rows = minibatch["keep"].sum() * 1.0
-
-      def accumulate(acc, micro):
-        (value, aux), grads = grad_fn(params, micro, minibatch_tokens, minibatch_kept_rows)
-        acc_grads, acc_value, acc_aux = acc
-        return (jax.tree.map(jnp.add, acc_grads, grads), acc_value + value,
-                jax.tree.map(lambda x, y: x + y / a, acc_aux, aux)), None
-
-      zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], minibatch),
-                                                minibatch_tokens, minibatch_kept_rows)[0][1])
-      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux))
-      (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
-      grad_norm = optax.tree.norm(grads)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state), dict(loss=value, grad_norm=grad_norm, **aux)
-
-    (params, opt_state), update_metrics = jax.lax.scan(
-        minibatch_update, (state.params, state.opt_state),
-        jnp.arange(cfg.num_iterations * m, dtype=jnp.int32))
-
-    # 6. Iterative GRPO: the reference becomes the current policy every K steps.
-    new_step = state.step + 1
-    ref_params = state.ref_params
-    if ref_params is not None and cfg.ref_reset_every > 0:
-      ref_params = jax.lax.cond(new_step % cfg.ref_reset_every == 0, lambda: params,
-                                lambda: ref_params)
-
-    metrics = {
-        "train/loss": update_metrics["loss"].mean(),
-        "train/grad_norm": update_metrics["grad_norm"].mean(),
-        "train/learning_rate": lr_schedule(new_step * cfg.num_iterations * m),
-        "train/nonfinite_updates": opt_state.total_notfinite,
-        "train/nonfinite_consecutive": opt_state.notfinite_count,
-        "rl/reward_mean": rewards.mean(),
-        "rl/reward_std": rewards.std(ddof=1),
-        "rl/kl": update_metrics["kl"].mean(),
-        "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
-        "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
-        "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
-        "rl/completion_length": lengths.mean(),
-        "rl/frac_truncated": 1.0 - finished.mean(),
-        "rl/frac_zero_std_groups": zero_std.mean(),
-        "rl/advantage_abs_mean": jnp.abs(advs).mean(),
-        "rl/reward_failures": num_failed,
-        "perf/rollout_tokens": lengths.sum(),
-    }
-    for i, name in enumerate(cfg.reward_names):
-      metrics[f"rewards/{name}"] = jnp.nanmean(per_fn_rewards[i])
-    new_state = state.replace(step=new_step, params=params, opt_state=opt_state,
-                              ref_params=ref_params)
-    return new_state, metrics
-
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                           settings=settings, reward_fn=reward_fn, reward_names=reward_names,
+                           layout=layout)
   out_shardings = None if state_shardings is None else (state_shardings, metrics_sharding)
-  return jax.jit(train_step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+  return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)

@@ -108,14 +108,17 @@ def make_trainer(case: dict[str, Any], checkpoint: tuple[str, Any], workdir: str
 
 
 def trl_loss(trainer, inputs: dict[str, Any], num_items_in_batch: float | None = None):
-  """Runs trainer._compute_loss on fixed log-probs: (loss, metrics, d loss / d logps)."""
+  """Runs trainer._compute_loss on fixed log-probs (and token entropies, inputs["entropies"],
+  zeros when absent): (loss, metrics, d loss / d logps)."""
   import torch
 
   logps = torch.tensor(inputs["logps"], requires_grad=True)
   rows, tokens = logps.shape
   mask = torch.tensor(inputs["mask"])
+  entropies = (torch.tensor(inputs["entropies"]) if "entropies" in inputs
+               else torch.zeros(rows, tokens))
   trainer._get_per_token_logps_and_entropies = (
-      lambda *args, **kwargs: (logps, torch.zeros(rows, tokens), None))
+      lambda *args, **kwargs: (logps, entropies, None))
   batch = {
       "prompt_ids": torch.ones(rows, 1, dtype=torch.long),
       "prompt_mask": torch.ones(rows, 1, dtype=torch.long),

@@ -11,8 +11,11 @@ import pytest
 from flax import nnx
 
 from grpo_jax import bench
+from grpo_jax import bench_compare
+from grpo_jax import bench_step
 from grpo_jax import bench_trl
-from grpo_jax import cli
+from grpo_jax import hardware
+from grpo_jax import host_malloc
 from grpo_jax import config as config_lib
 from grpo_jax import models
 from tests import tiny_hf
@@ -27,8 +30,8 @@ def test_sampler_bench_counts_bytes_and_times_steady_calls():
   config = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
   model = models.init(config)
-  args = bench.BenchArgs(batch=2, prompt_len=4, new_tokens=6, steps=2, mem_bw_gbs=10.0, seed=0)
-  r = bench.bench_sampler(model, args)
+  args = bench_step.BenchArgs(batch=2, prompt_len=4, new_tokens=6, steps=2, mem_bw_gbs=10.0, seed=0)
+  r = bench_step.bench_sampler(model, args)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert r["weight_bytes"] == 4 * num_params
   assert r["kv_bytes_mean"] == 2 * 2 * 2 * (4 + 6 / 2) * 2 * 8 * 4  # k,v x L x B x slots x Hkv x K x f32
@@ -37,7 +40,7 @@ def test_sampler_bench_counts_bytes_and_times_steady_calls():
 
 
 def test_qwen_shape_has_transformers_parameter_count():
-  config = bench.qwen25_05b_shape("bfloat16")
+  config = bench_step.qwen25_05b_shape("bfloat16")
   ours = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: models.init(config)))))
   with torch.device("meta"):
     hf = transformers.AutoModelForCausalLM.from_config(
@@ -56,23 +59,22 @@ def test_train_flops_count_a_prompt_once_per_block_of_rows_sharing_it(accum, sha
   p, t, rows = 1000, 3, 32
   tokens = lambda share: rows * (5 - 1) + rows // share * t  # completions ahead of the last
   want = 6 * p * 2 * tokens(update_share) + 2 * p * 1 * tokens(logps_share)  # mu = 2, 1 pass
-  assert bench.train_flops(config_lib.freeze(cfg), p, t, logps_passes=1, row_shards=shards) == want
+  assert bench_step.train_flops(config_lib.freeze(cfg), p, t, logps_passes=1, row_shards=shards) == want
 
 
 def test_scaling_varies_one_size_at_a_time_and_measures_each_config_once(monkeypatch, tmp_path):
   seen = []
 
-  def fake_step(cfg, workdir, args):
-    del workdir
+  def fake_step(cfg, args):
     assert not args.pieces
     seen.append((cfg.grpo.num_generations, cfg.sampler.max_new_tokens, cfg.data.prompts_per_step))
     return {"step_s": float(len(seen)), "compile_s": 0.0, "step_rollout_tokens_per_s": 1.0}
 
-  monkeypatch.setattr(bench, "bench_step", fake_step)
+  monkeypatch.setattr(bench_step, "bench_step", fake_step)
   base = config_lib.defaults()
   base.data.prompts_per_step, base.grpo.num_generations, base.sampler.max_new_tokens = 4, 2, 4
-  table = bench.bench_scaling(base, str(tmp_path), bench.StepArgs(1, 0),
-                              {"G": [2, 4], "N": [4, 8], "B": [4]})
+  table = bench_step.bench_scaling(base, bench_step.StepArgs(1, 0),
+                                   {"G": [2, 4], "N": [4, 8], "B": [4]})
   assert [(r["vary"], r["G"], r["N"], r["B"]) for r in table] == [
       ("G", 2, 4, 4), ("G", 4, 4, 4), ("N", 2, 4, 4), ("N", 2, 8, 4), ("B", 2, 4, 4)]
   assert seen == [(2, 4, 4), (4, 4, 4), (2, 8, 4)]  # the base config once
@@ -87,11 +89,11 @@ def test_trl_venv_installs_cpu_torch_before_trl(monkeypatch, tmp_path):
     calls.append(cmd)
     return subprocess.CompletedProcess(cmd, 1 if cmd[1] == "-c" else 0)
 
-  monkeypatch.setattr(bench.subprocess, "run", fake_run)
-  python = bench.ensure_trl_venv(str(tmp_path / "venv"))
+  monkeypatch.setattr(bench_compare.subprocess, "run", fake_run)
+  python = bench_compare.ensure_trl_venv(str(tmp_path / "venv"))
   assert python == str(tmp_path / "venv" / "bin" / "python")
   installs = [c[c.index("install") + 1:] for c in calls if "install" in c]
-  assert installs == [["--quiet", "--index-url", bench.TORCH_CPU_INDEX, "torch==2.13.0"],
+  assert installs == [["--quiet", "--index-url", bench_compare.TORCH_CPU_INDEX, "torch==2.13.0"],
                       ["--quiet", "trl==1.16.0", "torch==2.13.0"]]
 
 
@@ -120,7 +122,7 @@ def test_trl_comparison_command_runs_both_trainers(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["config"]["sampler"]["stop_at_eos"] is False
-  assert r["config"]["rewards"] == bench.SHARED_REWARD
+  assert r["config"]["rewards"] == bench_compare.SHARED_REWARD
   assert r["speedup"] == pytest.approx(r["trl"]["step_s"] / r["grpo_jax"]["step_s"])
   assert len(r["trl"]["step_times_s"]) == 1 and r["trl"]["sampling_s"] > 0
   ours = r["grpo_jax"]
@@ -140,14 +142,14 @@ def test_bad_model_flag_is_one_error_line():
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert errors == ["error: --model='/no/such/dir' is not allowed: demo | qwen2.5-0.5b-shape | "
-                    "a local Hugging Face checkpoint dir"], proc.stderr
+                    "qwen2.5-0.5b | a local Hugging Face checkpoint dir"], proc.stderr
   assert "Traceback" not in proc.stderr
 
 
 _FAULTS_PER_CALL = """
 import resource, jax, jax.numpy as jnp
-from grpo_jax import cli
-tuned = cli.tune_host_malloc()
+from grpo_jax import host_malloc
+tuned = host_malloc.tune()
 def loss(w, x):  # an MLP's gradient: [4096, 1024] float32 temporaries (16 MB each)
   h = jax.nn.silu(x @ w[0]) * (x @ w[1])
   return jnp.sum((h @ w[2]) ** 2)
@@ -182,4 +184,36 @@ def test_tuned_malloc_reuses_xla_temporaries_instead_of_faulting_them_in(monkeyp
   assert per_call_untuned > 12_000  # some of the 100 MB of temporaries, page by page
   assert per_call < per_call_untuned / 20, (per_call, per_call_untuned)
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-  assert not cli.tune_host_malloc()  # accelerators keep their temporaries on the device
+  assert not host_malloc.tune()  # accelerators keep their temporaries on the device
+
+
+def test_accelerators_are_found_from_the_hardware_not_the_installed_plugins(tmp_path):
+  # A CPU-only host with libtpu and the CUDA plugin installed (the aot extra) is a CPU host;
+  # a Google virtual NIC (device 0x0042) is not a TPU.
+  nic = tmp_path / "sys/bus/pci/devices/0000:00:04.0"
+  nic.mkdir(parents=True)
+  (nic / "vendor").write_text("0x1ae0\n")
+  (nic / "device").write_text("0x0042\n")
+  assert not hardware.has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0063\n")  # a TPU v5e chip
+  assert hardware.has_accelerator(str(tmp_path))
+  (nic / "device").write_text("0x0042\n")
+  (tmp_path / "dev").mkdir()
+  (tmp_path / "dev/nvidia0").write_text("")
+  assert hardware.has_accelerator(str(tmp_path))
+
+
+def test_jax_runs_on_the_cpu_where_no_accelerator_is_attached():
+  if hardware.has_accelerator():
+    pytest.skip("this host has an accelerator attached")
+  code = ("import jax; from grpo_jax import hardware; "
+          "print(hardware.default_to_cpu(), jax.config.jax_platforms, jax.default_backend())")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, cwd=REPO)
+  # Installed accelerator packages (the aot extra) are not started, so print no failures.
+  assert out.stdout.split() == ["True", "cpu", "cpu"] and "Traceback" not in out.stderr
+  out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.split()[0] == "False"  # the user's choice stands
+

@@ -1,6 +1,10 @@
-"""Orbax checkpoints: round trips, pruning, async saves, partial steps, sharded restore."""
+"""Orbax checkpoints: round trips, pruning, async saves, partial steps, sharded restore,
+damaged checkpoints, full and read-only disks."""
 
+import contextlib
 import os
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +13,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from grpo_jax import checkpoint as checkpoint_lib
+from grpo_jax import fingerprint
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.errors import UserError
 
@@ -161,3 +167,208 @@ def test_restore_into_another_layout_is_a_user_error(tmp_path, change):
   assert "\n" not in str(e.value)
   restored, _ = ckpt.restore(_abstract(state))  # the checkpoint itself is untouched
   _assert_same(restored, state)
+
+
+# -- damage found on restore -------------------------------------------------------------------
+
+
+def _largest_data_file(step_dir):
+  """The largest file of one process's OCDBT database (where the big arrays' bytes are)."""
+  return max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir, how):
+  """Damages one checkpoint the way a bad disk or a partial copy leaves it."""
+  if how == "truncated data file":
+    path = _largest_data_file(step_dir)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif how == "flipped bit in data":
+    path = _largest_data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+  elif how == "flipped bit in meta":
+    path = step_dir / "meta" / "metadata"
+    path.write_text(path.read_text().replace('"index": 12', '"index": 13'))
+  elif how == "missing data file":
+    _largest_data_file(step_dir).unlink()
+  else:
+    raise ValueError(how)
+
+
+def _three_checkpoints(directory):
+  ckpt = Checkpointer(directory, keep=3, async_save=False)
+  states = {step: {**_state(step), "big": jax.random.normal(jax.random.key(step), (128, 64))}
+            for step in (1, 2, 3)}
+  for step, state in states.items():
+    ckpt.save(step, state, META, force=True)
+  ckpt.close()
+  return states
+
+
+DAMAGE = ["truncated data file", "flipped bit in data", "flipped bit in meta",
+          "missing data file"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_restored(
+    tmp_path, caplog, how):
+  states = _three_checkpoints(tmp_path)
+  _damage(tmp_path / "3", how)
+  ckpt = Checkpointer(tmp_path, keep=3)
+  with pytest.raises(UserError, match=f"checkpoint {tmp_path}/3 is unreadable"):
+    ckpt.restore(_abstract(states[3]))
+  caplog.clear()
+  step, restored, meta = ckpt.restore_newest_good(_abstract(states[3]))
+  assert step == 2 and meta == META
+  _assert_same(restored, states[2])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert f"checkpoint 3 in {tmp_path} does not read back" in warnings[0]
+  assert "moved aside to 3.corrupt; resuming from step 2" in warnings[0]
+  assert ckpt.all_steps() == [1, 2]
+  assert (tmp_path / "3.corrupt" / "state").is_dir()  # kept, not deleted
+  # Step 3 is free again; damaged again, its second copy goes beside the first.
+  ckpt.save(3, states[3], META, force=True)
+  ckpt.wait()
+  _damage(tmp_path / "3", how)
+  assert ckpt.restore_newest_good(_abstract(states[3]))[0] == 2
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3.corrupt", "3.corrupt.1"]
+
+
+def test_when_no_checkpoint_reads_back_it_is_a_user_error_and_nothing_moves(tmp_path):
+  states = _three_checkpoints(tmp_path)
+  for step in (1, 2, 3):
+    _damage(tmp_path / str(step), "truncated data file")
+  ckpt = Checkpointer(tmp_path, keep=3)
+  with pytest.raises(UserError, match=r"no checkpoint in .* reads back as written \(steps 3, 2, "
+                     r"1; step 3: OUT_OF_RANGE") as e:
+    ckpt.restore_newest_good(_abstract(states[3]))
+  ckpt.close()
+  assert "\n" not in str(e.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]
+
+
+def test_no_checkpoint_restores_nothing(tmp_path):
+  ckpt = Checkpointer(tmp_path, keep=1)
+  assert ckpt.restore_newest_good(_abstract(_state())) is None
+  ckpt.close()
+
+
+def test_a_restore_that_casts_a_dtype_is_not_taken_for_damage(tmp_path):
+  state = _state()
+  ckpt = Checkpointer(tmp_path, keep=1, async_save=False)
+  ckpt.save(1, state, META, force=True)
+  target = _abstract(state)
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.bfloat16)
+  step, restored, _ = ckpt.restore_newest_good(target)
+  ckpt.close()
+  assert step == 1 and restored["params"]["w"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(restored["params"]["e"]),
+                                np.asarray(state["params"]["e"]))
+
+
+def test_fingerprints_do_not_depend_on_the_sharding_and_see_one_flipped_bit():
+  x = jax.random.normal(jax.random.key(0), (8, 6), jnp.float32)
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharded = jax.device_put(x, NamedSharding(mesh, P("b", "a")))
+  tree = {"x": x, "b": x.astype(jnp.bfloat16), "k": jax.random.PRNGKey(3)}
+  assert fingerprint.of_tree(tree) == fingerprint.of_tree({**tree, "x": sharded})
+  saved = fingerprint.of_tree(tree)
+  for index in range(x.size):  # every element, one bit each
+    bits = np.asarray(x).copy().reshape(-1).view(np.uint32)
+    bits[index] ^= np.uint32(1 << (index % 32))
+    flipped = jnp.asarray(bits.view(np.float32).reshape(x.shape))
+    assert fingerprint.mismatches(saved, {**tree, "x": flipped}) == ["x"]
+
+
+# -- a full or read-only disk --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path, size_bytes):
+  """A tmpfs of `size_bytes` mounted at `path`, unmounted at the end; skips the test where
+  mounting is not permitted (it needs root, as in CI)."""
+  path.mkdir(parents=True, exist_ok=True)
+  try:
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
+                             str(path)], capture_output=True, text=True, check=False)
+  except FileNotFoundError:
+    pytest.skip("no mount command here: cannot make a small disk to fill")
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): a full disk needs root")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def fill(disk, leave_free):
+  """Fills `disk` but for `leave_free` bytes (a multiple of the page size)."""
+  free = shutil.disk_usage(disk).free
+  (disk / "filler").write_bytes(b"\xff" * (free - leave_free))
+  assert shutil.disk_usage(disk).free == leave_free
+
+
+def make_read_only(disk):
+  subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+
+def _random_state(n):
+  return {"w": jax.random.normal(jax.random.key(n), (10_000,), jnp.float32)}
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_save_to_a_full_or_read_only_disk_is_one_user_error_and_keeps_the_last(
+    tmp_path, fault):
+  with small_disk(tmp_path / "disk", 1 << 20) as disk:
+    ckpt = Checkpointer(disk / "checkpoints", keep=1, async_save=True)
+    ckpt.save(1, _random_state(1), META, force=True)
+    ckpt.wait()
+    if fault == "full":
+      fill(disk, 16 << 10)
+    else:
+      make_read_only(disk)
+    with pytest.raises(UserError) as e:
+      ckpt.save(2, _random_state(2), META, force=True)
+    message = str(e.value)
+    assert message.startswith(f"cannot write checkpoint 2 to {disk}/checkpoints: ")
+    assert ("not enough free space" if fault == "full" else "Read-only file system") in message
+    assert "needs about 40000 bytes" in message and "(newest: step 1)" in message
+    assert "\n" not in message
+    restored, meta = ckpt.restore(_abstract(_random_state(1)))
+    _assert_same(restored, _random_state(1))
+    assert ckpt.all_steps() == [1] and meta == META
+    ckpt.close()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_disk_that_fills_during_the_write_is_one_user_error_and_keeps_the_last(
+    tmp_path, async_save):
+  """Room for the arrays but not for Orbax's metadata files beside them: the check before
+  the save passes, the write itself fails (for an async save, seen at the next wait)."""
+  with small_disk(tmp_path / "disk", 1 << 20) as disk:
+    ckpt = Checkpointer(disk / "checkpoints", keep=1, async_save=async_save)
+    ckpt.save(1, {"w": jnp.zeros((10_000,), jnp.float32)}, META, force=True)
+    ckpt.wait()
+    fill(disk, 48 << 10)
+    with pytest.raises(UserError) as e:
+      ckpt.save(2, _random_state(2), META, force=True)
+      ckpt.wait()
+    assert str(e.value).startswith(f"cannot write checkpoint 2 to {disk}/checkpoints: ")
+    assert "No space left on device" in str(e.value) and "(newest: step 1)" in str(e.value)
+    assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["1"]  # partial gone
+    restored, _ = ckpt.restore(_abstract({"w": jnp.zeros((10_000,), jnp.float32)}))
+    assert not np.asarray(restored["w"]).any()
+    ckpt.close()
+
+
+def test_an_unwritable_directory_is_a_user_error(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match=r"--workdir=.*/file/run is not writable \(Not a directory"):
+    checkpoint_lib.check_writable(str(tmp_path / "file" / "run"), "--workdir")
+  with small_disk(tmp_path / "disk", 1 << 20) as disk:
+    make_read_only(disk)
+    with pytest.raises(UserError, match=r"is not writable \(Read-only file system\)"):
+      checkpoint_lib.check_writable(str(disk / "run"), "--workdir")

@@ -83,7 +83,7 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
-@pytest.mark.parametrize("variant", ["copy", "clean", "countdown"])
+@pytest.mark.parametrize("variant", ["copy", "clean", "countdown", "process"])
 def test_demo_variants_leave_room_for_every_worked_solution(variant):
   """Each demo variant's budget of new tokens holds the longest SFT target and EOS (a
   correct answer cut short scores 0), and sft.max_len holds prompt and target."""
@@ -101,8 +101,18 @@ def test_demo_variants_leave_room_for_every_worked_solution(variant):
 
 
 def test_demo_config_names_its_variants_on_a_wrong_one():
-  with pytest.raises(UserError, match="configs/demo.py:clean"):
+  with pytest.raises(UserError, match=r"configs/demo.py:clear: no such variant; allowed: "
+                     r"configs/demo.py or configs/demo.py:copy or configs/demo.py:clean or "
+                     r"configs/demo.py:countdown or configs/demo.py:process$"):
     _load("configs/demo.py:clear")
+
+
+def test_demo_process_variant_is_the_demo_with_step_rewards():
+  outcome, process = _flat(_load("configs/demo.py").to_dict()), _flat(
+      _load("configs/demo.py:process").to_dict())
+  changed = {k: v for k, v in process.items() if outcome[k] != v}
+  assert changed == {"grpo.supervision": "process", "step_rewards": "arithmetic_steps"}
+  assert config.freeze(_load("configs/demo.py:process"), num_devices=1).grpo.step_slots == 16
 
 
 def test_hf_config_parses_arguments():
@@ -168,6 +178,13 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(eval__k=0), ["eval.k=0"]),
     (dict(data__prompt_buckets=(64, 32)), ["data.prompt_buckets", "increasing"]),
     (dict(rewards=" "), ["rewards=' '"]),
+    (dict(grpo__supervision="steps"), ["grpo.supervision='steps'", "outcome | process"]),
+    (dict(grpo__max_steps_per_completion=0), ["grpo.max_steps_per_completion=0", ">= 1"]),
+    (dict(grpo__supervision="process"), ["step_rewards=''", "grpo.supervision='process'"]),
+    (dict(step_rewards="arithmetic_steps"),
+     ["step_rewards='arithmetic_steps'", "'' unless grpo.supervision='process'"]),
+    (dict(grpo__supervision="process", step_rewards="arithmetic_steps",
+          grpo__scale_rewards="batch"), ["grpo.scale_rewards='batch'", "'group' with"]),
     # Types.
     (dict(train__num_steps=1.5), ["train.num_steps=1.5", "expected int"]),
     (dict(grpo__epsilon_high="x"), ["grpo.epsilon_high='x'", "float or None"]),
@@ -179,6 +196,11 @@ def _error(num_devices=8, **overrides) -> str:
     (dict(data__prompts_per_step=3, grpo__num_generations=2),
      ["data.prompts_per_step=3", "divisible", "data*fsdp = 8"]),
     (dict(train__grad_accum_steps=8), ["train.grad_accum_steps=8", "data*fsdp = 8"]),
+    (dict(grpo__num_generations=2, grpo__oversample=1.25),
+     ["grpo.oversample=1.25", "= 10 must be divisible", "data*fsdp = 8"]),
+    (dict(grpo__oversample=0.5), ["grpo.oversample=0.5", ">= 1 (1 = no over-sampling)"]),
+    (dict(grpo__top_entropy_quantile=1.5), ["grpo.top_entropy_quantile=1.5", "0 <= q <= 1"]),
+    (dict(grpo__top_entropy_quantile=-0.1), ["grpo.top_entropy_quantile=-0.1", ">= 0"]),
     (dict(model__demo=dict(num_heads=3)), ["model.demo.hidden_size=128", "num_heads=3"]),
     # Mesh.
     (dict(mesh__shape=(1, -1)), ["mesh.shape=(1, -1)", "at most one -1"]),
@@ -209,6 +231,13 @@ def test_unknown_key_suggests_the_closest():
 def test_section_replaced_by_a_value_is_an_error():
   msg = _error(num_devices=1, sampler=3)
   assert msg.startswith("config key sampler=3: expected a section")
+
+
+def test_oversample_rounds_the_sampled_prompts():
+  c = config.freeze({"data": {"prompts_per_step": 4}, "grpo": {"oversample": 1.5}},
+                    num_devices=1)
+  assert (c.data.prompts_per_step, c.sampled_prompts_per_step) == (4, 6)
+  assert config.freeze(config.defaults(), num_devices=1).sampled_prompts_per_step == 4
 
 
 def test_missing_keys_take_defaults_and_lists_become_tuples():

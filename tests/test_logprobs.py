@@ -64,6 +64,33 @@ def test_chunked_matches_full_values_and_gradients(chunk_size, temperature):
     np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_size, temperature, cap", [(1, 1.0, None), (5, 0.7, None),
+                                                         (4, 1.0, 2.0), (100, 0.7, 2.0)])
+def test_chunked_entropy_matches_the_full_softmax(chunk_size, temperature, cap):
+  hidden, w, targets = _inputs()
+  logps, entropy = logprobs.chunked_token_logprobs_and_entropy(
+      hidden, w, targets, temperature=temperature, soft_cap=cap, chunk_size=chunk_size)
+  logits_btv = logprobs.soft_cap(jnp.einsum("btd,dv->btv", hidden, w), cap) / temperature
+  log_p = jax.nn.log_softmax(logits_btv, axis=-1)
+  assert entropy.dtype == jnp.float32 and entropy.shape == (B, T)
+  np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(log_p) * log_p, -1), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logps, logprobs.chunked_token_logprobs(
+      hidden, w, targets, temperature=temperature, soft_cap=cap, chunk_size=chunk_size),
+                             atol=1e-6, rtol=0)
+
+
+def test_chunked_entropy_carries_no_gradient():
+  hidden, w, targets = _inputs()
+  g_bt = jax.random.normal(jax.random.key(9), (B, T))
+  both = lambda h, w: sum(jnp.sum(g_bt * x) for x in logprobs.chunked_token_logprobs_and_entropy(
+      h, w, targets, chunk_size=4))
+  alone = lambda h, w: jnp.sum(g_bt * logprobs.chunked_token_logprobs(h, w, targets,
+                                                                      chunk_size=4))
+  want = jax.grad(alone, (0, 1))(hidden, w)
+  for got, expected in zip(jax.jit(jax.grad(both, (0, 1)))(hidden, w), want):
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
 def test_chunked_bfloat16_inputs():
   hidden, w, targets = _inputs(jnp.bfloat16)
   got = logprobs.chunked_token_logprobs(hidden, w, targets, chunk_size=3)
@@ -93,6 +120,9 @@ def test_chunked_memory_stays_below_a_quarter_of_the_logits():
   chunked_sum = lambda h, w, tg: chunked(h, w, tg).sum()
   assert temp_bytes(chunked) <= full_logits_bytes / 4
   assert temp_bytes(jax.value_and_grad(chunked_sum, (0, 1))) <= full_logits_bytes / 4
+  with_entropy = lambda h, w, tg: sum(
+      x.sum() for x in logprobs.chunked_token_logprobs_and_entropy(h, w, tg))
+  assert temp_bytes(jax.value_and_grad(with_entropy, (0, 1))) <= full_logits_bytes / 4
   # The measure sees the logits when they do exist.
   full_sum = lambda h, w, tg: _full(h, w, tg, 1.0).sum()
   assert temp_bytes(jax.value_and_grad(full_sum, (0, 1))) >= full_logits_bytes

@@ -98,6 +98,55 @@ def test_matches_trl_live(trl_checkpoint, seed, case, num_items):
                  value, aux, grad)
 
 
+def test_high_entropy_mask_matches_trl(trl_checkpoint):
+  """TRL's GRPOTrainer.get_high_entropy_mask (one process) on entropies with ties, for
+  top_entropy_quantile q (TRL passes the threshold 1 - q), and on an empty mask."""
+  import torch
+  from tests import make_trl_golden
+  workdir, checkpoint = trl_checkpoint
+  case = dict(loss_type="grpo", beta=0.0, epsilon_low=0.2, epsilon_high=None, delta=None,
+              importance_sampling_level="token", max_completion_length=9)
+  trainer = make_trl_golden.make_trainer(case, checkpoint, workdir, rows=6)
+  entropies = np.random.default_rng(3).exponential(1.0, (6, 9)).round(1).astype(np.float32)
+  mask = make_trl_golden.make_inputs(3, rows=6, tokens=9)["mask"]
+  for quantile in (0.0, 0.2, 0.5, 0.7, 1.0):
+    for m in (mask, np.zeros_like(mask)):
+      want = trainer.get_high_entropy_mask(torch.tensor(entropies), torch.tensor(m),
+                                           1 - quantile).numpy()
+      got = loss.high_entropy_mask(entropies, m, quantile)
+      np.testing.assert_array_equal(got, want, err_msg=f"quantile {quantile}")
+      assert (not m.any()) or 0 < got.sum() <= m.sum()
+
+
+@pytest.mark.parametrize("seed,case", [
+    (111, dict(loss_type="grpo", beta=0.04, epsilon_high=0.28,
+               importance_sampling_level="token", delta=None)),
+    (112, dict(loss_type="dapo", beta=0.04, epsilon_high=None,
+               importance_sampling_level="sequence", delta=None)),
+])
+def test_policy_mask_is_trls_top_entropy_quantile_live(trl_checkpoint, seed, case):
+  """TRL's _compute_loss with top_entropy_quantile = 0.4 equals grpo_loss with the policy
+  mask of high_entropy_mask: value, gradient and metrics (the KL term and the normalisers
+  still count every token)."""
+  from tests import make_trl_golden
+  workdir, checkpoint = trl_checkpoint
+  inputs = make_trl_golden.make_inputs(seed, rows=8, tokens=11)
+  entropies = np.random.default_rng(seed).exponential(1.0, (8, 11)).astype(np.float32)
+  case = dict(case, epsilon_low=0.15, max_completion_length=11)
+  trainer = make_trl_golden.make_trainer(case, checkpoint, workdir, rows=8)
+  trainer.top_entropy_quantile = 0.4
+  expected_loss, metrics, expected_grad = make_trl_golden.trl_loss(
+      trainer, dict(inputs, entropies=entropies))
+  policy_mask = loss.high_entropy_mask(entropies, inputs["mask"], 0.4)
+  assert 0 < policy_mask.sum() < inputs["mask"].sum()
+  options = {k: case[k] for k in OPTIONS if k != "max_completion_length"}
+  value, aux, grad = _loss_and_grad(inputs, policy_mask=policy_mask, **options)
+  _check_against({"loss": expected_loss, "grad": expected_grad, "metrics": metrics},
+                 value, aux, grad)
+  unmasked, _, _ = _loss_and_grad(inputs, **options)
+  assert abs(float(unmasked) - float(value)) > 1e-4  # the mask changed the loss
+
+
 def _inputs(seed=0, rows=4, tokens=5):
   rng = np.random.default_rng(seed)
   logps = -rng.exponential(1.0, (rows, tokens)).astype(np.float32)
@@ -202,7 +251,7 @@ def test_delta_caps_the_unclipped_ratio():
   np.testing.assert_allclose(uncapped, np.exp(3.0) * 2.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("level", loss.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("level", loss.IS_LEVELS)
 def test_row_and_token_advantages_agree(level):
   inputs = _inputs(seed=3)
   inputs["mask"][1, 3:] = 0
@@ -263,7 +312,7 @@ def _batches(draw):
 @_SETTINGS
 @hypothesis.given(batch=_batches(), pad=st.integers(1, 3),
                   loss_type=st.sampled_from(loss.LOSS_TYPES),
-                  level=st.sampled_from(loss.IMPORTANCE_SAMPLING_LEVELS))
+                  level=st.sampled_from(loss.IS_LEVELS))
 def test_padding_width_does_not_change_the_loss(batch, pad, loss_type, level):
   options = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                  max_completion_length=8)
@@ -279,7 +328,7 @@ def test_padding_width_does_not_change_the_loss(batch, pad, loss_type, level):
 
 
 @_SETTINGS
-@hypothesis.given(batch=_batches(), level=st.sampled_from(loss.IMPORTANCE_SAMPLING_LEVELS))
+@hypothesis.given(batch=_batches(), level=st.sampled_from(loss.IS_LEVELS))
 def test_dapo_with_token_count_is_bnpo(batch, level):
   bnpo, _, bnpo_grad = _loss_and_grad(batch, loss_type="bnpo", importance_sampling_level=level)
   dapo, _, dapo_grad = _loss_and_grad(batch, loss_type="dapo", importance_sampling_level=level,

@@ -1,5 +1,6 @@
 """Sharded GRPO steps on 8 fake CPU devices give the numbers of one device; layouts and memory."""
 
+import dataclasses
 import functools
 import math
 import re
@@ -12,14 +13,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import advantages
-from grpo_jax import components
+from grpo_jax import builder
+from grpo_jax import completion_logps
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import loss
 from grpo_jax import main as main_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import models
+from grpo_jax import optimizer as optimizer_lib
 from grpo_jax import sampler
+from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from tests.test_train import tiny_config, train_records
 
@@ -65,7 +69,7 @@ def runs(tmp_path_factory):
 def test_sharded_steps_match_one_device(runs, shape):
   ref_trainer, ref_records = runs[(1, 1, 1)]
   trainer, records = runs[shape]
-  assert trainer.mesh.devices.size == 8 and ref_trainer.mesh.devices.size == 1
+  assert trainer.setup.mesh.devices.size == 8 and ref_trainer.setup.mesh.devices.size == 1
   specs = {x.sharding.spec for x in jax.tree.leaves(trainer.state.params)}
   assert any("fsdp" in spec for spec in specs), specs  # the params really are sharded
   assert relative_error(trainer.state.params, ref_trainer.state.params) < 1e-5
@@ -123,18 +127,23 @@ def demo_params(hidden_size: int = 64):
                                          "model.demo.intermediate_size": 2 * hidden_size}),
                           num_devices=8)
   tokenizer = data_lib.demo_tokenizer()
-  return nnx.split(models.init(components.demo_model_config(cfg, tokenizer))), tokenizer
+  return nnx.split(models.init(builder.demo_model_config(cfg, tokenizer))), tokenizer
 
 
 def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
   (_, params), _ = demo_params()
-  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+  tx, _ = optimizer_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
 
   def per_device_state_bytes(shape) -> int:
     mesh = mesh_lib.make_mesh(shape)
     shardings = mesh_lib.param_shardings(params, mesh)
-    init = jax.jit(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0,
-                                     param_shardings=shardings))
+    opt_shardings = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, params), shardings)
+    replicated = mesh_lib.replicated(mesh)
+    state_shardings = train_step_lib.TrainState(step=replicated, params=shardings,
+                                                opt_state=opt_shardings, ref_params=shardings,
+                                                key=replicated)
+    init = jax.jit(functools.partial(train_step_lib.init_state, tx=tx, beta=0.04, seed=0),
+                   out_shardings=state_shardings)
     return init.lower(jax.device_put(params, shardings)).compile().memory_analysis(
     ).output_size_in_bytes
 
@@ -152,7 +161,7 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
 def test_optimizer_state_follows_the_param_layout():
   (_, params), _ = demo_params()
   mesh = mesh_lib.make_mesh((2, 2, 2))
-  tx, _ = train_step_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
+  tx, _ = optimizer_lib.make_optimizer(learning_rate=1e-3, total_updates=10)
   shardings = mesh_lib.param_shardings(params, mesh)
   opt = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, params), shardings)
   adam = opt.inner_state[1][0]
@@ -191,7 +200,7 @@ def test_rollout_layout_decodes_without_collectives():
   (graphdef, params), tokenizer = demo_params()
   mesh = mesh_lib.make_mesh((1, 8, 1))
   shardings = mesh_lib.param_shardings(params, mesh)
-  settings = sampler.SampleConfig(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
+  settings = sampler.SamplingSettings(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
   tokens, mask = jnp.ones((8, 4), jnp.int32), jnp.ones((8, 4), jnp.int32)
 
   def generate(params, tokens, mask):
@@ -206,3 +215,59 @@ def test_rollout_layout_decodes_without_collectives():
   bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
   loops = [c for c in hlo.split("\n\n") if c.split(" ", 1)[0].lstrip("%") in bodies]
   assert loops and not any("all-gather" in c or "all-reduce" in c for c in loops)
+
+
+def test_dynamic_sampling_gathers_groups_across_shards_and_lays_them_out_again():
+  """select_groups under jit with the sampled rows over 8 devices: the groups of one device,
+  and the kept rows split over the batch axes again."""
+  from tests import test_dynamic_sampling as ds  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  rows = mesh_lib.batch_sharding(mesh)
+  sampled, kept, g = 8, 4, ds.G
+  rng = np.random.RandomState(0)
+  prompts = jnp.asarray(rng.randint(0, 50, (sampled, 3)), jnp.int32)
+  batch = train_step_lib.Batch(prompt_tokens=prompts, prompt_mask=jnp.ones_like(prompts),
+                               row_ids=jnp.arange(sampled, dtype=jnp.int32))
+  rollout = train_step_lib.Rollout(
+      prompt_tokens=prompts, prompt_mask=batch.prompt_mask,
+      tokens=jnp.asarray(rng.randint(0, 50, (sampled * g, 5)), jnp.int32),
+      mask=jnp.ones((sampled * g, 5), jnp.int32), finished=jnp.ones(sampled * g, bool))
+  total = jnp.asarray(rng.randint(0, 2, sampled * g), jnp.float32)
+  rewards = scoring.Rewards(total=total, per_fn=total[None], failures=jnp.int32(0),
+                            seconds=jnp.float32(0.0))
+  settings = dataclasses.replace(ds._kept_settings(), kept_groups=kept, row_shards=8)
+  layout = train_step_lib.Layout(params=None, rows=rows)
+  select = lambda *a: train_step_lib.select_groups(*a, settings, layout)
+  single = jax.jit(lambda *a: train_step_lib.select_groups(*a, settings))(batch, rollout, rewards)
+  sharded = jax.jit(select)(*jax.device_put((batch, rollout), rows), rewards)
+  assert sharded.rollout.tokens.sharding.spec == rows.spec
+  assert sharded.rollout.tokens.addressable_shards[0].data.shape == (kept * g // 8, 5)
+  jax.tree.map(np.testing.assert_array_equal, sharded, single)
+  assert 0 < int(single.with_signal.sum()) < sampled  # some groups moved, some did not
+
+
+def test_log_prob_forward_splits_the_rows_not_the_model_width():
+  """Under FSDP each device runs the log-prob forward on its own rows: MLP activations of
+  [rows / 8 * tokens, F]. Left to follow the embedding table's layout (model width over
+  fsdp), every device computed all rows' [rows * tokens, F] as partial sums (the ~9 GiB of
+  the 1.5B TPU step)."""
+  (graphdef, params), _ = demo_params()
+  d, f = (getattr(nnx.merge(graphdef, params).config, k) for k in ("hidden_size",
+                                                                    "intermediate_size"))
+  mesh = mesh_lib.make_mesh((1, 8, 1))
+  shardings = mesh_lib.param_shardings(params, mesh)
+  rows = mesh_lib.batch_sharding(mesh)
+  r, t, n = 48, 4, 5
+  prompts, completions = jnp.ones((r, t), jnp.int32), jnp.ones((r, n), jnp.int32)
+
+  def mlp_rows(row_sharding):
+    logps = functools.partial(completion_logps.completion_logps, graphdef, temperature=1.0,
+                              row_sharding=row_sharding)
+    hlo = jax.jit(logps).lower(
+        jax.device_put(params, shardings), *jax.device_put((prompts, prompts, completions,
+                                                            completions), rows)
+    ).compile().as_text()
+    return {int(m) for m in re.findall(rf"\w+\[(\d+),{f}\]", hlo)} - {d}  # d: the weights
+
+  assert max(mlp_rows(rows)) == r // 8 * max(t, n - 1)
+  assert r * (n - 1) in mlp_rows(None)

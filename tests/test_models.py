@@ -1,6 +1,8 @@
 """Model parity with transformers' PyTorch models, KV-cache decoding, checkpoint I/O, errors."""
 
+import dataclasses
 import json
+import pathlib
 import shutil
 
 import jax
@@ -20,13 +22,22 @@ transformers = pytest.importorskip("transformers")
 _LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                high_freq_factor=4.0, original_max_position_embeddings=64)
 # name -> (family, make_checkpoint kwargs). With head_dim 16 and theta 5e5 the rope
-# wavelengths are 6.3 (kept), 32 (interpolated) and > 64 (divided by factor).
+# wavelengths are 6.3 (kept), 32 (interpolated) and > 64 (divided by factor). The sliding
+# families have a window of 4 slots (tiny_hf.FAMILY_SETTINGS), shorter than the test rows;
+# with 3 layers Gemma alternates sliding, full, sliding. "gemma3" is an image-text checkpoint.
 CASES = {
     "llama3_tied": ("llama", dict(tie=True, rope_parameters=_LLAMA3)),
     "llama3_untied": ("llama", dict(tie=False, rope_parameters=_LLAMA3)),
     "qwen2": ("qwen2", dict(tie=False)),
+    "qwen2_sliding": ("qwen2", dict(layers=3, use_sliding_window=True, sliding_window=4,
+                                    max_window_layers=1)),
     "qwen3": ("qwen3", dict(tie=True, kv_heads=1)),
+    "mistral": ("mistral", dict()),
+    "gemma2": ("gemma2", dict(tie=True, layers=3)),
+    "gemma3_text": ("gemma3_text", dict(layers=3, kv_heads=1)),
+    "gemma3": ("gemma3", dict(tie=True, layers=3)),
 }
+SLIDING_CASES = ["qwen2_sliding", "mistral", "gemma2", "gemma3_text", "gemma3"]
 PARITY_ATOL = 2e-4
 CACHE_ATOL = 1e-4
 GRAD_RTOL = 1e-4  # of each tensor's largest gradient entry
@@ -83,7 +94,8 @@ def test_logits_match_transformers_with_left_padding(checkpoints, name):
   assert diff < PARITY_ATOL
 
 
-@pytest.mark.parametrize("name", ["llama3_tied", "qwen2", "qwen3"])
+# "gemma3" computes as "gemma3_text" does; its HF parameter names are those of an image-text model.
+@pytest.mark.parametrize("name", ["llama3_tied", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
 def test_gradients_match_transformers(checkpoints, name, tmp_path):
   """d/dparams of sum_t w_t log p(x_t+1 | x_<=t) (w random, padding masked) against PyTorch's
   autograd through transformers' model; ours go through save_pretrained to get HF names."""
@@ -119,8 +131,9 @@ def test_gradients_match_transformers(checkpoints, name, tmp_path):
   assert worst < GRAD_RTOL
 
 
-@pytest.mark.parametrize("name", ["llama3_untied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama3_untied", "qwen2", "qwen3", *SLIDING_CASES])
 def test_prefill_then_decode_matches_full_forward(checkpoints, name):
+  """8 prompt slots then 5 decoded ones: the decode steps' windows slide past the prompt."""
   model = models.from_pretrained(checkpoints(name))
   prompt_len, new, spare = 8, 5, 3
   tokens, mask = _batch(model.config.vocab_size, t=prompt_len + new, pads=(0, 3, 6), seed=1)
@@ -163,15 +176,111 @@ def test_init_cache_is_empty():
   assert cache.valid.shape == (2, 7) and not cache.valid.any()
 
 
-def test_save_pretrained_loads_back_in_transformers(checkpoints, tmp_path):
-  source = checkpoints("qwen2")
+@pytest.mark.parametrize("name", ["qwen2", *SLIDING_CASES])
+def test_save_pretrained_loads_back_in_transformers(checkpoints, tmp_path, name):
+  """Exported, transformers computes the source's logits (an image-text Gemma 3 comes back as
+  its text model, Gemma3ForCausalLM) and we read back the same config."""
+  source = checkpoints(name)
   model = models.from_pretrained(source)
   models.save_pretrained(model, tmp_path)
   written = json.loads((tmp_path / "config.json").read_text())
   assert "rope_parameters" in written and "rope_theta" not in written
+  assert written["model_type"] == model.config.family
+  assert transformers.AutoConfig.from_pretrained(tmp_path).model_type == model.config.family
   tokens, mask = _batch(model.config.vocab_size)
   np.testing.assert_allclose(_hf_logits(tmp_path, tokens, mask), _hf_logits(source, tokens, mask), atol=1e-6)
   assert models.from_pretrained(tmp_path).config == model.config
+
+
+# Each feature off in turn, the logits move far from transformers': the parity tests test it.
+_FEATURES_OFF = {
+    "mistral window": ("mistral", dict(sliding_window=None, layer_types=())),
+    "qwen2 window": ("qwen2_sliding", dict(sliding_window=None, layer_types=())),
+    "gemma2 window": ("gemma2", dict(sliding_window=None, layer_types=())),
+    "gemma2 attention cap": ("gemma2", dict(attn_logit_softcap=None)),
+    "gemma2 final cap": ("gemma2", dict(final_logit_softcap=None)),
+    "gemma2 query scale": ("gemma2", dict(query_pre_attn_scalar=None)),
+    "gemma3 local rope": ("gemma3_text", dict(rope_local_theta=10000.0)),
+    "gemma3 linear scaling": ("gemma3_text", dict(rope_scaling=None)),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(_FEATURES_OFF))
+def test_each_feature_changes_the_logits(checkpoints, feature):
+  name, off = _FEATURES_OFF[feature]
+  model = models.from_pretrained(checkpoints(name))
+  altered = models.init(dataclasses.replace(model.config, **off))
+  nnx.update(altered, nnx.state(model, nnx.Param))
+  tokens, mask = _batch(model.config.vocab_size)
+  assert _max_diff_on_valid(altered(tokens, mask), model(tokens, mask), mask) > 100 * PARITY_ATOL
+
+
+def test_token_logprobs_apply_the_final_cap_in_chunks(checkpoints):
+  """model.token_logprobs (the train step's chunked form) gives the log-probs and gradients of
+  log_softmax(model.logits / temperature), soft cap included."""
+  model = models.from_pretrained(checkpoints("gemma2"))
+  tokens, mask = _batch(model.config.vocab_size)
+  weights = (np.random.RandomState(3).randn(*tokens.shape) * mask)[:, 1:].astype(np.float32)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params, chunked):
+    m = nnx.merge(graphdef, params)
+    h, _ = m.hidden(tokens, positions=models.positions_from_mask(mask), attention_mask=mask)
+    if chunked:
+      logps = m.token_logprobs(h[:, :-1], tokens[:, 1:], temperature=0.7, chunk_size=5)
+    else:
+      logps = jnp.take_along_axis(jax.nn.log_softmax(m.logits(h[:, :-1]) / 0.7, -1),
+                                  tokens[:, 1:, None], -1)[..., 0]
+    return jnp.sum(logps * weights), logps
+
+  (_, chunked), chunked_grads = jax.value_and_grad(loss, has_aux=True)(params, True)
+  (_, full), full_grads = jax.value_and_grad(loss, has_aux=True)(params, False)
+  np.testing.assert_allclose(chunked, full, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), chunked_grads, full_grads)
+
+
+def test_published_configs_read_as_transformers_reads_them():
+  """Published config.json files (tests/data, sources there) give the ModelConfig that
+  transformers' own reading of them gives once written out in full (its defaults, its layer
+  types): Gemma 2 / 3, an image-text Gemma 3, Qwen2.5-Math, an R1 distill, Mistral."""
+  published = json.loads((pathlib.Path(__file__).parent / "data" / "published_configs.json").read_text())
+  published.pop("_sources")
+  for name, hf in published.items():
+    ours = models.ModelConfig.from_hf(hf)
+    theirs = transformers.AutoConfig.for_model(**hf)
+    assert ours == models.ModelConfig.from_hf(theirs.to_dict()), name
+    text = theirs.get_text_config()  # Mistral has no layer_types: it slides on every layer
+    types = getattr(text, "layer_types", None) or ["sliding_attention"] * text.num_hidden_layers
+    sliding = "sliding_attention" in types and text.sliding_window is not None
+    assert ours.layer_types == (tuple(types) if sliding else ()), name
+    assert ours.sliding_window == (text.sliding_window if sliding else None), name
+  gemma3_4b = models.ModelConfig.from_hf(published["gemma-3-4b-it"])
+  assert gemma3_4b.layer_types.count("full_attention") == 5 and gemma3_4b.eos_token_ids == (1, 106)
+  assert models.ModelConfig.from_hf(published["Qwen2.5-Math-1.5B"]).layer_types == ()
+
+
+def test_image_text_gemma3_with_transformers_4_5x_names_loads_the_same(checkpoints, tmp_path):
+  """Tensors named model.language_model.* (as transformers 4.52 - 4.5x saved them), not
+  language_model.model.* (as published and as transformers 5 saves them)."""
+  source = checkpoints("gemma3")
+  directory = tmp_path / "renamed"
+  shutil.copytree(source, directory)
+  tensors = load_file(directory / "model.safetensors")
+  renamed = {name.replace("language_model.model.", "model.language_model."): value
+             for name, value in tensors.items()}
+  assert renamed != tensors
+  save_file(renamed, directory / "model.safetensors", metadata={"format": "pt"})
+  tokens, mask = _batch(models.from_pretrained(source).config.vocab_size)
+  np.testing.assert_array_equal(models.from_pretrained(directory)(tokens, mask),
+                                models.from_pretrained(source)(tokens, mask))
+
+
+def test_gemma_eos_ids_include_end_of_turn(checkpoints):
+  """generation_config.json's EOS list ([<eos>, <end_of_turn>], as Gemma publishes it) is read."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoints("gemma2"))
+  for name in ("gemma2", "gemma3"):
+    assert models.from_pretrained(checkpoints(name)).config.eos_token_ids == (
+        tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>"))
 
 
 def test_sharded_save_is_read_by_both(checkpoints, tmp_path):
@@ -237,7 +346,8 @@ def test_config_round_trips_through_to_hf():
 
 def test_unsupported_model_type_is_user_error(checkpoints, tmp_path):
   directory = _rewrite_config(checkpoints("qwen2"), tmp_path / "gpt2", lambda hf: hf.update(model_type="gpt2"))
-  with pytest.raises(UserError, match=r"model_type 'gpt2' is not supported; supported: llama, qwen2, qwen3") as e:
+  with pytest.raises(UserError, match=r"model_type 'gpt2' is not supported; supported: llama, qwen2, "
+                     r"qwen3, mistral, gemma2, gemma3_text, gemma3$") as e:
     models.from_pretrained(directory)
   assert "\n" not in str(e.value)
 
@@ -277,6 +387,22 @@ def test_bfloat16_stays_close_to_float32(checkpoints):
   assert diff.max() < BF16_MAX_ATOL and diff.mean() < BF16_MEAN_ATOL
 
 
+@pytest.mark.parametrize("fields,message", [
+    (dict(family="llama", qk_norm=False, final_logit_softcap=30.0), r"final_logit_softcap are Gemma"),
+    (dict(layer_types=("sliding_attention",)), r"layer_types has 1 entries for 2 layers"),
+    (dict(layer_types=("sliding_attention", "local")), r"may only hold 'full_attention' and"),
+    (dict(layer_types=("sliding_attention",) * 2), r"sliding layers need a sliding_window >= 1"),
+    (dict(family="gemma3_text", attn_logit_softcap=50.0), r"gemma3_text attention has no logit"),
+    (dict(family="gemma2", qk_norm=False, rope_local_theta=1e4), r"gemma2 uses one rope base"),
+    (dict(family="gemma2", qk_norm=False, final_logit_softcap=-1.0), r"must be positive"),
+    (dict(rope_scaling=(("factor", 8.0), ("rope_type", "yarn"))), r"is not one of: llama3 with"),
+])
+def test_invalid_model_configs_are_one_line_user_errors(fields, message):
+  with pytest.raises(UserError, match=message) as e:
+    _tiny_config(**fields)
+  assert "\n" not in str(e.value)
+
+
 def _tiny_config(**kwargs):
   base = dict(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
               num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, attention_bias=True)
@@ -285,7 +411,10 @@ def _tiny_config(**kwargs):
 
 def test_every_parameter_has_logical_axis_names():
   allowed = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", None}
-  for config in (_tiny_config(), _tiny_config(family="qwen2", qk_norm=False, tie_word_embeddings=True)):
+  gemma = dict(sliding_window=3, layer_types=("sliding_attention", "full_attention"))
+  for config in (_tiny_config(), _tiny_config(family="qwen2", qk_norm=False, tie_word_embeddings=True),
+                 _tiny_config(family="gemma2", qk_norm=False, **gemma),
+                 _tiny_config(family="gemma3_text", rope_local_theta=10.0, **gemma)):
     state = nnx.state(models.init(config), nnx.Param)
     for path, var in nnx.to_flat_state(state):
       names = var.get_metadata().get("out_sharding")

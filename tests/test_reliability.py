@@ -1,4 +1,5 @@
-"""Reliability: preemption, crashes, bad input, numerical faults, reward faults, safe loading.
+"""Reliability: preemption, crashes, bad input, numerical faults, reward faults (a killed
+math-verify child among them), safe loading.
 
 The preemption and crash tests run the real command line in subprocesses on one CPU device
 (the 8-fake-device XLA flag of conftest.py is stripped from their environment) and compare
@@ -13,9 +14,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,16 +27,27 @@ from grpo_jax import checkpoint as checkpoint_lib
 from grpo_jax import config as config_lib
 from grpo_jax import main as main_lib
 from grpo_jax import metrics as metrics_lib
+from grpo_jax import rewards
+from grpo_jax.errors import UserError
+from grpo_jax.rewards import accuracy as accuracy_lib
+from grpo_jax.rewards import math_worker
 from tests.test_train import tiny_config, train_records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPARED = ("train/loss", "train/grad_norm", "rl/reward_mean", "rl/reward_std", "rl/kl")
+STEP_COMPARED = ("rl/step_reward_mean", "rl/steps_per_completion", "rl/steps_truncated")
 NUM_STEPS = 12
 
 
 def digit_reward(prompts, completions, **unused):
   """Test reward: the share of digits in the completion (varies a lot within a group)."""
   return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def digit_steps(prompts, completions, **unused):
+  """Test step reward: each digit ends a step, worth 1 when even (varied, often truncated)."""
+  return [[(i + 1, float(int(ch) % 2 == 0)) for i, ch in enumerate(c) if ch.isdigit()]
+          for c in completions]
 
 
 # -- the command line in a subprocess --------------------------------------------------------
@@ -88,11 +102,13 @@ def wait_for_step(workdir, proc, step, timeout=240.0):
   raise TimeoutError(f"no train record at step {step} in {workdir}")
 
 
-def crash_config():
+def crash_config(supervision="outcome"):
+  process = {"grpo.supervision": "process", "step_rewards": "tests.test_reliability:digit_steps",
+             "grpo.max_steps_per_completion": 4} if supervision == "process" else {}
   return tiny_config(**{"rewards": "tests.test_reliability:digit_reward", "grpo.beta": 0.04,
                         "train.num_steps": NUM_STEPS, "train.lr_schedule": "constant",
                         "checkpoint.every_steps": 1, "checkpoint.async_save": True,
-                        "eval.num_prompts": 0})
+                        "eval.num_prompts": 0, **process})
 
 
 def checkpoint_steps(workdir):
@@ -106,16 +122,19 @@ def resumed_steps(output):
   return [int(s) for s in re.findall(r"resumed from \S*/checkpoints/(\d+)", output)]
 
 
-def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metrics(
+    tmp_path, supervision):
   """SIGTERM: exit 0 with a checkpoint at the finished step. Then two SIGKILLs at random
   moments after random steps, each restart resuming from the newest complete checkpoint.
   The end: the records of an uninterrupted run, each step once, with equal values."""
   straight, workdir = tmp_path / "straight", tmp_path / "interrupted"
-  proc = start_run(straight, crash_config())
+  cfg = lambda: crash_config(supervision)
+  proc = start_run(straight, cfg())
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
 
-  proc = start_run(workdir, crash_config())
+  proc = start_run(workdir, cfg())
   wait_for_step(workdir, proc, 1)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
@@ -130,12 +149,12 @@ def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metri
   for _ in range(2):
     # A step beyond every record so far, then a random moment after it.
     target = train_records(workdir)[-1]["step"] + rng.randint(1, 3)
-    proc = start_run(workdir, crash_config())
+    proc = start_run(workdir, cfg())
     wait_for_step(workdir, proc, target)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.kill()
     resumed += resumed_steps(proc.communicate(timeout=60)[0])
-  proc = start_run(workdir, crash_config())
+  proc = start_run(workdir, cfg())
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   resumed += resumed_steps(out)
@@ -147,8 +166,11 @@ def test_sigterm_then_sigkills_at_random_steps_resume_to_the_uninterrupted_metri
   assert steps_and_keys(workdir) == steps_and_keys(straight)
   records = train_records(workdir)
   assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
+  compared = COMPARED + (STEP_COMPARED if supervision == "process" else ())
+  if supervision == "process":  # digits were found, so steps drove the updates
+    assert all(r["rl/steps_per_completion"] > 0 for r in records)
   for got, want in zip(records, train_records(straight)):
-    for key in COMPARED:
+    for key in compared:
       assert got[key] == want[key], (got["step"], key, got[key], want[key])
 
 
@@ -301,7 +323,7 @@ def test_skip_bad_rows_skips_and_reports_the_count(tmp_path, caplog):
   cfg = tiny_config(**{"data.source": f"jsonl:{path}", "data.skip_bad_rows": True,
                        "data.num_eval_rows": 2})
   trainer = main_lib.Trainer(config_lib.freeze(cfg), str(tmp_path / "run"))
-  assert len(trainer.train_rows) + len(trainer.eval_rows) == 9
+  assert len(trainer.parts.train_rows) + len(trainer.parts.eval_rows) == 9
   assert f"{path}: skipped 2 bad rows" in caplog.text
 
 
@@ -348,6 +370,26 @@ def test_nonfinite_updates_are_skipped_counted_and_a_streak_stops_the_run(tmp_pa
   assert [r["step"] for r in train_records(workdir)] == [1, 2, 3]
 
 
+def test_a_broken_reference_is_counted_and_stops_the_run_naming_it(tmp_path):
+  over = {"grpo.beta": 0.04, "train.num_steps": 4, "train.max_nan_steps": 2,
+          "eval.num_prompts": 0, "rewards": "tests.test_reliability:digit_reward"}
+  trainer = main_lib.Trainer(config_lib.freeze(tiny_config(**over)), str(tmp_path))
+  # A reference checkpoint gone bad: one weight of pi_ref is NaN, the policy is intact.
+  ref = trainer.state.ref_params
+  ref["layers"][0]["mlp"]["down"].set_value(ref["layers"][0]["mlp"]["down"][...] * jnp.nan)
+  with pytest.raises(UserError) as error:
+    trainer.run()
+  assert "\n" not in str(error.value)
+  for words in ("step 2: 2 optimizer updates in a row", "reference policy's log-probs",
+                "train.max_nan_steps=2", "last good checkpoint is step 0"):
+    assert words in str(error.value), str(error.value)
+  records = train_records(str(tmp_path))
+  assert [(r["train/nonfinite_updates"], r["train/nonfinite_consecutive"]) for r in records] == [
+      (1, 1), (2, 2)]
+  assert all(r["train/nonfinite_ref_logps"] > 0 for r in records)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainer.state.params))
+
+
 # -- reward code ------------------------------------------------------------------------------
 
 
@@ -366,6 +408,74 @@ def test_a_reward_function_past_its_timeout_is_counted_and_the_run_goes_on(tmp_p
     assert r["rl/reward_failures"] == 8  # B*G completions, all unscored by sleepy_reward
     assert np.isnan(r["rewards/tests.test_reliability:sleepy_reward"])
     assert np.isfinite(r["rewards/format"])
+
+
+def children():
+  """{pid: state} of this process's child processes ("Z": a zombie)."""
+  out = {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, IndexError):
+      continue  # gone meanwhile
+    if int(ppid) == os.getpid():
+      out[int(stat.parent.name)] = state
+  return out
+
+
+def cpu_ticks(pid):
+  try:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0
+  return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+RUNAWAY = r"\boxed{9^{9^{9^{9}}}}"  # sympy would compute this power for a very long time
+killed_workers = []
+
+
+def kill_the_busy_worker(idle_ticks, deadline_s=300.0):
+  """SIGKILLs the child that has used half a second of CPU past `idle_ticks` (the runaway
+  check: the others take milliseconds), as a crash on a hostile completion would end it."""
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline:
+    for pid, ticks in idle_ticks.items():
+      if cpu_ticks(pid) >= ticks + 50:
+        os.kill(pid, signal.SIGKILL)
+        killed_workers.append(pid)
+        return
+    time.sleep(0.01)
+
+
+def accuracy_with_a_killed_checker(prompts, completions, **columns):
+  """accuracy, with completion 0 made a runaway check whose math-verify child is killed."""
+  idle_ticks = {pid: cpu_ticks(pid) for pid in children()}
+  killer = threading.Thread(target=kill_the_busy_worker, args=(idle_ticks,))
+  killer.start()
+  try:
+    return rewards.REGISTRY["accuracy"](prompts, [RUNAWAY] + completions[1:], **columns)
+  finally:
+    killer.join()
+
+
+def test_a_killed_math_checker_is_a_counted_reward_failure_and_leaves_no_process(
+    tmp_path, monkeypatch):
+  before = children()
+  pool = math_worker.Pool(1)  # one child: the runaway check is the one that gets killed
+  monkeypatch.setattr(math_worker, "_POOL", pool)
+  monkeypatch.setattr(accuracy_lib, "CHECK_TIMEOUT_S", 300.0)  # a bound, never reached
+  assert pool.check_all([("2", "2")], 60.0) == [1.0]  # the child is up and idle
+  cfg = tiny_config(**{"rewards": "tests.test_reliability:accuracy_with_a_killed_checker",
+                       "rewards_timeout_s": 300.0, "train.num_steps": 1,
+                       "eval.num_prompts": 0})
+  main_lib.run(cfg, str(tmp_path))
+  [record] = train_records(str(tmp_path))
+  assert record["rl/reward_failures"] == 1  # the killed check; the step went on
+  assert len(killed_workers) == 1 and killed_workers[0] not in children()  # waited for
+  assert all(state != "Z" for state in children().values()), children()
+  pool.close()
+  assert children() == before
 
 
 # -- safety: no pickle, no remote code, no evaluation of model text ---------------------------

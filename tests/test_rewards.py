@@ -262,20 +262,27 @@ def test_parse_spec_weights_and_user_functions():
                                    "language_consistency", "overlong", "exact_match"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty entry"),
-    ("accuracy,,format", "empty entry"),
-    ("acuracy", "unknown reward 'acuracy'.*exact_match"),
-    ("accuracy:high", "weight 'high'"),
-    ("accuracy:nan", "finite"),
-    ("accuracy,accuracy:2", "listed twice"),
-    ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'.*accuracy"),
-    ("tests.test_rewards:no_such_fn", "no function 'no_such_fn'"),
-    ("tests.test_rewards:ACCURACY_CASES", "no function 'ACCURACY_CASES'"),
+@pytest.mark.parametrize("parse, spec, message", [
+    (rewards.parse_spec, "", "empty entry"),
+    (rewards.parse_spec, "accuracy,,format", "empty entry"),
+    (rewards.parse_spec, "acuracy", "unknown reward 'acuracy'.*exact_match"),
+    (rewards.parse_spec, "accuracy:high", "weight 'high'"),
+    (rewards.parse_spec, "accuracy:nan", "finite"),
+    (rewards.parse_spec, "accuracy,accuracy:2", "listed twice"),
+    (rewards.parse_spec, "no_such_module_xyz:fn",
+     "cannot import module 'no_such_module_xyz'.*accuracy"),
+    (rewards.parse_spec, "tests.test_rewards:no_such_fn", "no function 'no_such_fn'"),
+    (rewards.parse_spec, "tests.test_rewards:ACCURACY_CASES", "no function 'ACCURACY_CASES'"),
+    (rewards.parse_spec, "arithmetic_steps", "unknown reward 'arithmetic_steps'"),
+    (rewards.parse_step_spec, "exact_match",
+     "unknown step reward 'exact_match'.*arithmetic_steps, countdown_steps, outcome"),
+    (rewards.parse_step_spec, "outcome:x", "weight 'x'"),
+    (rewards.parse_step_spec, "outcome,outcome:2", "listed twice"),
+    (rewards.parse_step_spec, "arithmetic_steps,,outcome", "empty entry"),
 ])
-def test_parse_spec_errors(spec, message):
+def test_parse_spec_errors(parse, spec, message):
   with pytest.raises(UserError, match=message) as info:
-    rewards.parse_spec(spec)
+    parse(spec)
   assert "\n" not in str(info.value)
 
 

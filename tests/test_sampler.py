@@ -1,5 +1,6 @@
-"""Sampler: greedy parity with transformers, log-probs vs a full forward, EOS masking,
-top-k / top-p truncation and frequencies, one compile per prompt bucket."""
+"""Sampler: greedy parity with transformers (every family, sliding windows included), log-probs
+vs a full forward, EOS masking, top-k / top-p truncation and frequencies, one compile per
+prompt bucket."""
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,16 @@ T = 7  # prompt width
 def tiny(tmp_path_factory):
   """(transformers model, our model) with the same random qwen2 weights."""
   directory = tiny_hf.make_checkpoint("qwen2", tmp_path_factory.mktemp("qwen2"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  return hf, models.from_pretrained(directory)
+
+
+# The families with sliding windows (4 slots, tiny_hf.FAMILY_SETTINGS) or Gemma's features;
+# T + N = 19 slots, so decoding slides the window well past the prompt.
+@pytest.fixture(scope="module", params=["mistral", "gemma2", "gemma3_text", "gemma3"])
+def family(request, tmp_path_factory):
+  """(transformers model, our model) of one family with the same random weights."""
+  directory = tiny_hf.make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), layers=3)
   hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
   return hf, models.from_pretrained(directory)
 
@@ -73,12 +84,39 @@ def test_greedy_matches_transformers_and_masks_after_eos(tiny):
   assert np.all(np.asarray(out.logprobs)[ref_mask == 0] == 0)
 
 
+def test_greedy_matches_transformers_in_every_family(family):
+  """Stopping at the checkpoint's EOS ids (Gemma's include <end_of_turn>), as generate does."""
+  hf, model = family
+  tokens, mask = _prompts(model.config.vocab_size)
+  eos = model.config.eos_token_ids
+  ref = _hf_greedy(hf, tokens, mask, eos)
+  out = sampler.generate(model, tokens, mask, jax.random.key(0), max_new_tokens=N, temperature=0.0,
+                         eos_token_ids=eos, pad_token_id=PAD)
+  np.testing.assert_array_equal(out.tokens, np.pad(ref, ((0, 0), (0, N - ref.shape[1])),
+                                                   constant_values=PAD))
+
+
+def test_sampled_logprobs_equal_teacher_forced_forward_in_every_family(family):
+  """Two samples per prompt (one shared prefill), temperature 1: each sampled token's log-prob is
+  the full forward's over prompt + completion."""
+  _, model = family
+  tokens, mask = _prompts(model.config.vocab_size, seed=1)
+  out = sampler.generate(model, tokens, mask, jax.random.key(3), max_new_tokens=N,
+                         eos_token_ids=model.config.eos_token_ids, pad_token_id=PAD,
+                         samples_per_prompt=2)
+  tokens, mask = np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0)
+  seq = jnp.concatenate([tokens, out.tokens], axis=1)
+  logits_bnv = model(seq, attention_mask=jnp.concatenate([mask, out.mask], axis=1))[:, T - 1:-1]
+  ref = jnp.take_along_axis(jax.nn.log_softmax(logits_bnv, axis=-1), out.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(out.logprobs * out.mask, ref * out.mask, atol=1e-4)
+
+
 def test_no_stop_at_eos_gives_n_tokens_from_inside_a_jit(tiny):
   hf, model = tiny
   tokens, mask = _prompts(model.config.vocab_size)
   free = _hf_greedy(hf, tokens, mask, ())
   eos = (int(free[0, 2]),)
-  settings = sampler.SampleConfig(max_new_tokens=N, temperature=0.0, eos_token_ids=eos,
+  settings = sampler.SamplingSettings(max_new_tokens=N, temperature=0.0, eos_token_ids=eos,
                                   pad_token_id=PAD, stop_at_eos=False)
   graphdef, params = nnx.split(model)
 

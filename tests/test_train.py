@@ -13,7 +13,7 @@ from grpo_jax import sft
 from configs import demo
 
 DESIGN_KEYS = ("train/loss", "train/grad_norm", "rl/reward_mean", "rl/reward_std", "rl/kl",
-               "rl/clip_ratio", "rl/completion_length", "rl/frac_zero_std_groups",
+               "rl/clip_ratio", "rl/completion_length", "rl/frac_zero_std_groups", "rl/entropy",
                "perf/step_s", "perf/rollout_tokens_per_s")
 
 

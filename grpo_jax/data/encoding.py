@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import jinja2
 import numpy as np
 from absl import logging
 
+from grpo_jax.config import DataCfg
 from grpo_jax.errors import UserError
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -17,7 +19,8 @@ def format_prompt(tokenizer, prompt: str, *, use_chat_template: bool | None = No
   """The prompt as the model sees it: through the chat template when there is one.
 
   use_chat_template None: use it if the tokenizer has one. Without a template the system
-  prompt, if any, goes before the prompt, separated by a blank line.
+  prompt, if any, goes before the prompt, separated by a blank line; so it does inside the
+  user turn when the template refuses a system role (Gemma 2's does).
   """
   has_template = getattr(tokenizer, "chat_template", None) is not None
   if use_chat_template is None:
@@ -27,10 +30,14 @@ def format_prompt(tokenizer, prompt: str, *, use_chat_template: bool | None = No
   if not has_template:
     raise UserError("use_chat_template is set but the tokenizer has no chat template;"
                     " set it to False or None")
-  messages = [{"role": "user", "content": prompt}]
-  if system_prompt is not None:
-    messages.insert(0, {"role": "system", "content": system_prompt})
-  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  apply = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False,
+                                                         add_generation_prompt=True)
+  if system_prompt is None:
+    return apply([{"role": "user", "content": prompt}])
+  try:
+    return apply([{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}])
+  except jinja2.TemplateError:
+    return apply([{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}])
 
 
 def pad_id(tokenizer) -> int:
@@ -81,6 +88,19 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, buckets: Sequence[int] = 
   return tokens_bt, mask_bt
 
 
+def format_row_prompts(tokenizer, rows: Sequence[dict[str, Any]], data: DataCfg) -> list[str]:
+  """The prompts of dataset rows as the model sees them, as the `data` section says."""
+  return [format_prompt(tokenizer, row["prompt"], use_chat_template=data.use_chat_template,
+                        system_prompt=data.system_prompt) for row in rows]
+
+
+def encode_row_prompts(tokenizer, rows: Sequence[dict[str, Any]],
+                       data: DataCfg) -> tuple[np.ndarray, np.ndarray]:
+  """encode_prompts of format_row_prompts, with the `data` section's buckets and length."""
+  return encode_prompts(tokenizer, format_row_prompts(tokenizer, rows, data),
+                        buckets=data.prompt_buckets, max_prompt_len=data.max_prompt_len)
+
+
 def encode_sft(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, max_len: int,
                stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-padded prompt + target + EOS: tokens, loss_mask, attention_mask [B, max_len] int32.
@@ -109,13 +129,27 @@ def encode_sft(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, max
   return tokens_bt, loss_bt, attention_bt
 
 
+def text_positions(tokenizer, tokens: np.ndarray, mask: np.ndarray, *,
+                   eos_token_ids: Sequence[int] = ()) -> list[np.ndarray]:
+  """Per row of tokens [B, N], the positions (ascending) of the tokens its completion text
+  is decoded from: under mask [B, N], neither pad nor EOS."""
+  drop = [i for i in {pad_id(tokenizer), tokenizer.eos_token_id, *eos_token_ids}
+          if i is not None]
+  keep = (np.asarray(mask) > 0) & ~np.isin(np.asarray(tokens), drop)
+  return [np.flatnonzero(row) for row in keep]
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+  """The text of token ids as completions are decoded: special tokens kept."""
+  return tokenizer.decode([int(t) for t in ids], skip_special_tokens=False)
+
+
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, *,
                        eos_token_ids: Sequence[int] = ()) -> list[str]:
   """Completion texts from tokens [B, N] under mask [B, N], without pad and EOS tokens.
 
   Other special tokens (<think>, role markers) stay in the text.
   """
-  drop = {pad_id(tokenizer), tokenizer.eos_token_id, *eos_token_ids}
-  return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m and int(t) not in drop],
-                           skip_special_tokens=False)
-          for row, row_mask in zip(np.asarray(tokens), np.asarray(mask))]
+  tokens = np.asarray(tokens)
+  return [decode_ids(tokenizer, row[positions]) for row, positions in zip(
+      tokens, text_positions(tokenizer, tokens, mask, eos_token_ids=eos_token_ids))]

@@ -17,6 +17,7 @@ import zlib
 from typing import Callable
 
 from grpo_jax.errors import UserError
+from grpo_jax.rewards.columns import column_line, columns
 
 INSTRUCTION = "Think in <think></think>, then answer in <answer></answer>."
 SPLITS = ("train", "eval")
@@ -69,34 +70,6 @@ class CountdownOptions:
                       " allowed 2..100")
 
 
-def _column_lines(a: int, b: int, op: str) -> list[str]:
-  """Column-wise working of a op b, least significant digit first (a >= b for "-")."""
-  if op == "*":
-    digits_a, multiplier, carry, lines = str(a)[::-1], b, 0, []
-    for d in digits_a:
-      p = int(d) * multiplier + carry
-      lines.append(f"{d}*{multiplier}{f'+{carry}' if carry else ''}={p}" +
-                   (f", carry {p // 10}" if p >= 10 else ""))
-      carry = p // 10
-    return lines
-  width = len(str(max(a, b)))
-  digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-  carry, lines = 0, []
-  for da, db in zip(digits_a, digits_b):
-    x, y = int(da), int(db)
-    if op == "+":
-      s = x + y + carry
-      lines.append(f"{x}+{y}{'+1' if carry else ''}={s}" + (", carry 1" if s >= 10 else ""))
-      carry = s // 10
-    else:
-      borrow = int(x - y - carry < 0)
-      r = x + 10 * borrow - y - carry
-      lines.append(f"{x + 10 * borrow}-{y}{'-1' if carry else ''}={r}" +
-                   (", borrow 1" if borrow else ""))
-      carry = borrow
-  return lines
-
-
 def _random_operand(rng: random.Random, max_digits: int) -> int:
   num_digits = rng.randint(1, max_digits)
   return rng.randint(0 if num_digits == 1 else 10 ** (num_digits - 1), 10 ** num_digits - 1)
@@ -114,7 +87,8 @@ def arithmetic_row(rng: random.Random, options: ArithmeticOptions) -> dict:
       a, b = b, a
   expr = f"{a}{op}{b}"
   answer = str(_OPS[op](a, b))
-  reasoning = "\n".join(_column_lines(a, b, op) + [f"{expr}={answer}"])
+  lines = [column_line(col, op) for col in columns(a, b, op)]
+  reasoning = "\n".join(lines + [f"{expr}={answer}"])
   row = {"prompt": f"Compute {expr}.\n{INSTRUCTION}", "answer": answer,
          "task": "arithmetic", "reasoning": reasoning}
   if options.wrong_answers and rng.random() < options.wrong_answers / 100:

@@ -1,4 +1,5 @@
-"""Llama / Qwen2 / Qwen3 decoders in Flax NNX, loaded from and saved to HF checkpoints."""
+"""Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3 decoders in Flax NNX, loaded from and saved to
+HF checkpoints."""
 
 from grpo_jax.models.checkpoint_io import from_pretrained, save_pretrained
 from grpo_jax.models.config import ModelConfig

@@ -1,4 +1,9 @@
-"""Reading and writing Hugging Face checkpoints: config.json + safetensors, never pickles."""
+"""Reading and writing Hugging Face checkpoints: config.json + safetensors, never pickles.
+
+Written as the family's *ForCausalLM. A "gemma3" image-text checkpoint is read through its
+text model (tensors under model.language_model. or, as published, language_model.model.);
+the vision tower is not read, and the model is written back as a text-only Gemma3ForCausalLM.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ _TOP_NAMES = {
 }
 _LAYER_NAMES = {
     ("attn_norm", "scale"): "input_layernorm.weight",
-    ("mlp_norm", "scale"): "post_attention_layernorm.weight",
+    ("mlp_norm", "scale"): "post_attention_layernorm.weight",  # Gemma: see _GEMMA_LAYER_NAMES
     ("attn", "q"): "self_attn.q_proj.weight",
     ("attn", "k"): "self_attn.k_proj.weight",
     ("attn", "v"): "self_attn.v_proj.weight",
@@ -40,16 +45,39 @@ _LAYER_NAMES = {
     ("mlp", "up"): "mlp.up_proj.weight",
     ("mlp", "down"): "mlp.down_proj.weight",
 }
+# Gemma's blocks have four norms, and the one before the MLP has another name.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    ("post_attn_norm", "scale"): "post_attention_layernorm.weight",
+    ("mlp_norm", "scale"): "pre_feedforward_layernorm.weight",
+    ("post_mlp_norm", "scale"): "post_feedforward_layernorm.weight",
+}
+# Where a checkpoint keeps the text model's "model." tensors: *ForCausalLM, then transformers
+# 5's Gemma3ForConditionalGeneration, then the published Gemma 3 image-text checkpoints.
+_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+_PUBLISHED_LM_HEAD = "language_model.lm_head.weight"
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _MAX_LISTED = 5
 
 
-def _hf_name(path: tuple[Any, ...]) -> str:
-  """HF tensor name of the parameter at an NNX state path."""
+def _hf_name(path: tuple[Any, ...], config: ModelConfig) -> str:
+  """HF tensor name (as *ForCausalLM names it) of the parameter at an NNX state path."""
   if path[0] == "layers":
-    return f"model.layers.{path[1]}.{_LAYER_NAMES[tuple(path[2:])]}"
+    names = _GEMMA_LAYER_NAMES if config.is_gemma else _LAYER_NAMES
+    return f"model.layers.{path[1]}.{names[tuple(path[2:])]}"
   return _TOP_NAMES[tuple(path)]
+
+
+def _by_causal_lm_name(files: dict[str, pathlib.Path]) -> dict[str, tuple[str, pathlib.Path]]:
+  """*ForCausalLM tensor name -> (stored name, file) for the text model's tensors."""
+  prefix = next((p for p in _TEXT_PREFIXES if p + "embed_tokens.weight" in files), "model.")
+  located = {"model." + name[len(prefix):]: (name, file) for name, file in files.items()
+             if name.startswith(prefix)}
+  for head in ("lm_head.weight", _PUBLISHED_LM_HEAD):
+    if head in files:
+      located["lm_head.weight"] = (head, files[head])
+  return located
 
 
 def _input_axes(name: str) -> int:
@@ -109,15 +137,17 @@ def _read_hf_config(path: pathlib.Path) -> dict[str, Any]:
 def _params(model: Transformer) -> Iterator[tuple[str, nnx.Param]]:
   """(HF tensor name, parameter) for every parameter of the model."""
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    yield _hf_name(path), var
+    yield _hf_name(path, model.config), var
 
 
 def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *, param_dtype: str | None = None,
-                    remat: bool = False) -> Transformer:
-  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in dtype."""
+                    remat: bool = False, attention: str = "xla") -> Transformer:
+  """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
+  dtype, attention by the implementation `attention` (models/attention.py)."""
   path = pathlib.Path(path)
-  config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat)
-  files = _tensor_files(path)
+  config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
+                               remat=remat, attention=attention)
+  files = _by_causal_lm_name(_tensor_files(path))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   params = list(_params(model))
   missing = [name for name, _ in params if name not in files]
@@ -125,11 +155,12 @@ def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *, param_d
     listed = ", ".join(missing[:_MAX_LISTED]) + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else "")
     raise UserError(f"checkpoint {path} lacks {len(missing)} tensors that config.json needs: {listed}")
   target = jnp.dtype(config.param_dtype)
-  for file in sorted({files[name] for name, _ in params}):
+  for file in sorted({files[name][1] for name, _ in params}):
     with safe_open(file, framework="numpy") as f:
       for name, var in params:
-        if files[name] == file:
-          var.set_value(jnp.asarray(_to_ours(f.get_tensor(name), name, var.shape, target)))
+        stored, in_file = files[name]
+        if in_file == file:
+          var.set_value(jnp.asarray(_to_ours(f.get_tensor(stored), name, var.shape, target)))
   return model
 
 

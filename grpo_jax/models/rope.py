@@ -1,4 +1,5 @@
-"""Rotary position embeddings (HF rotate_half convention), with optional llama3 frequency scaling."""
+"""Rotary position embeddings (HF rotate_half convention), with optional llama3 or linear frequency
+scaling; Gemma 3's sliding layers use their own base, unscaled."""
 
 from __future__ import annotations
 
@@ -11,19 +12,24 @@ import numpy as np
 from grpo_jax.models.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-  """inv_freq_i = theta^(-2i/K) for i < K/2, then llama3 scaling if configured.
+def inverse_frequencies(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+  """inv_freq_i = theta^(-2i/K) for i < K/2, then the configured scaling.
 
-  llama3: wavelengths 2*pi/inv_freq longer than orig/low_freq_factor are divided by
-  factor, shorter than orig/high_freq_factor are kept, and those in between are
-  interpolated with s = (orig/wavelen - low) / (high - low): (1 - s) * f / factor + s * f.
+  local: the frequencies of sliding layers with their own base (config.rope_local_theta),
+  which are never scaled. linear: every frequency divided by factor. llama3: wavelengths
+  2*pi/inv_freq longer than orig/low_freq_factor are divided by factor, shorter than
+  orig/high_freq_factor are kept, and those in between are interpolated with
+  s = (orig/wavelen - low) / (high - low): (1 - s) * f / factor + s * f.
   """
   k = config.head_dim
+  theta = config.rope_local_theta if local else config.rope_theta
   exponents = np.arange(0, k, 2, dtype=np.float32) / np.float32(k)
-  inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
-  if config.rope_scaling is None:
+  inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+  if local or config.rope_scaling is None:
     return inv_freq
   s = dict(config.rope_scaling)
+  if s["rope_type"] == "linear":
+    return (inv_freq / np.float32(s["factor"])).astype(np.float32)
   factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
   orig = s["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv_freq
@@ -34,9 +40,11 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_angles(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_angles(config: ModelConfig, positions: jax.Array, *,
+                local: bool = False) -> tuple[jax.Array, jax.Array]:
   """cos, sin of positions [B, T] times inverse frequencies, each [B, T, K] float32."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies(config))
+  inv_freq = inverse_frequencies(config, local=local)
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   angles = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 

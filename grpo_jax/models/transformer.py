@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3) in Flax NNX.
 
 Every parameter carries logical axis names in its `out_sharding` metadata ("vocab",
 "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"); mapping them to a mesh is a
@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.models.config import ModelConfig
+from grpo_jax import logprobs as logprobs_lib
+from grpo_jax.models import attention as attention_lib
+from grpo_jax.models.config import FULL, SLIDING, ModelConfig
 from grpo_jax.models.kv_cache import KVCache
 from grpo_jax.models.rope import apply_rope, rope_angles
 
 _INIT_STD = 0.02
-_MASKED = -1e30  # score of a masked key; a row with every key masked stays finite
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -37,32 +38,27 @@ _zeros = nnx.initializers.zeros
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in x's dtype."""
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in x's dtype.
 
-  def __init__(self, dim: int, eps: float, dtype: jnp.dtype, *, rngs: nnx.Rngs):
-    self.scale = _param(rngs, _ones, (dim,), ("norm",), dtype)
+  offset (Gemma): the weight is stored as scale - 1 (zero-initialised), as in HF checkpoints.
+  """
+
+  def __init__(self, dim: int, eps: float, dtype: jnp.dtype, *, offset: bool = False, rngs: nnx.Rngs):
+    self.scale = _param(rngs, _zeros if offset else _ones, (dim,), ("norm",), dtype)
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (1 + scale if self.offset else scale)).astype(x.dtype)
 
 
-def _attend(q_bthk: jax.Array, k_bhsk: jax.Array, v_bhsk: jax.Array, mask_bts: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(K) + mask) v with grouped kv heads; scores and softmax in float32.
-
-  Keys and values come heads first, [B, Hkv, S, K] (the cache's layout), and the queries are
-  put the same way, so that both matmuls are plain batched ones over (B, Hkv).
-  """
-  b, t, h, k_dim = q_bthk.shape
-  hkv = k_bhsk.shape[1]
-  q = q_bthk.reshape(b, t, hkv, h // hkv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, R, T, K]
-  scores = jnp.einsum("bhrtk,bhsk->bhrts", q, k_bhsk, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask_bts[:, None, None], scores * k_dim**-0.5, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bhsk.dtype)
-  out = jnp.einsum("bhrts,bhsk->bhrtk", probs, v_bhsk)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
+def _norm(config: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> RMSNorm:
+  """An RMSNorm of the config's eps, parameter dtype and (Gemma) weight offset."""
+  return RMSNorm(dim, config.rms_norm_eps, jnp.dtype(config.param_dtype), offset=config.is_gemma,
+                 rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -83,10 +79,13 @@ class Attention(nnx.Module):
       self.q_bias = self.k_bias = self.v_bias = None
     self.o_bias = _param(rngs, _zeros, (d,), ("embed",), pd) if config.out_bias else None
     if config.qk_norm:
-      self.q_norm = RMSNorm(k, config.rms_norm_eps, pd, rngs=rngs)
-      self.k_norm = RMSNorm(k, config.rms_norm_eps, pd, rngs=rngs)
+      self.q_norm = _norm(config, k, rngs=rngs)
+      self.k_norm = _norm(config, k, rngs=rngs)
     else:
       self.q_norm = self.k_norm = None
+    self.scale = config.attention_scale
+    self.soft_cap = config.attn_logit_softcap
+    self.impl = config.attention
 
   def _project(self, x_btd: jax.Array, w: nnx.Param, bias: nnx.Param | None) -> jax.Array:
     """x W (+ b): [B, T, D] -> [B, T, heads, K]."""
@@ -94,8 +93,12 @@ class Attention(nnx.Module):
     y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(cd))
     return y if bias is None else y + bias[...].astype(cd)
 
-  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, mask_bts: jax.Array,
-               cache: KVCache | None, layer: int, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+  def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, key_valid_bs: jax.Array,
+               cache: KVCache | None, layer: int, cache_index: jax.Array | int,
+               window: int | None) -> tuple[jax.Array, KVCache | None]:
+    """Attention of x's T tokens at slots cache_index.. over the key_valid_bs [B, S] slots
+    (window: a sliding layer's W). A traced cache_index is a decode step: its attention
+    reads only the cache's filled blocks (attention.decode_attend)."""
     q = self._project(x_btd, self.q, self.q_bias)
     k = self._project(x_btd, self.k, self.k_bias)
     v = self._project(x_btd, self.v, self.v_bias)
@@ -111,7 +114,12 @@ class Attention(nnx.Module):
 
       cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
       k, v = cache.k[layer], cache.v[layer]
-    out = _attend(q, k, v, mask_bts)
+    options = dict(key_valid_bs=key_valid_bs, query_offset=cache_index, scale=self.scale,
+                   window=window, soft_cap=self.soft_cap)
+    if cache is not None and not isinstance(cache_index, int):
+      out = attention_lib.decode_attend(q, k, v, **options)
+    else:
+      out = attention_lib.attend(q, k, v, impl=self.impl, **options)
     y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
@@ -119,44 +127,59 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(x gate) * (x up))."""
+  """down(act(x gate) * (x up)): SwiGLU (silu), or GeGLU (tanh gelu) for Gemma."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, f, pd = config.hidden_size, config.intermediate_size, jnp.dtype(config.param_dtype)
     self.gate = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
     self.up = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
     self.down = _param(rngs, _normal, (f, d), ("mlp", "embed"), pd)
+    self.gelu = config.is_gemma
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     # On [B*T, D] rather than [B, T, D]: the same matmuls, but XLA CPU then computes the
     # weight gradients without transposing the [B, T, F] activations (1.6x faster backward).
     cd = x_btd.dtype
     x_flat = x_btd.reshape(-1, x_btd.shape[-1])  # [B*T, D]
-    h_flat = jax.nn.silu(x_flat @ self.gate[...].astype(cd)) * (x_flat @ self.up[...].astype(cd))
+    gate = x_flat @ self.gate[...].astype(cd)
+    act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+    h_flat = act * (x_flat @ self.up[...].astype(cd))
     return (h_flat @ self.down[...].astype(cd)).reshape(x_btd.shape)
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); Gemma normalises the
+  attention and MLP outputs too: x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    pd = jnp.dtype(config.param_dtype)
-    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    d = config.hidden_size
+    self.attn_norm = _norm(config, d, rngs=rngs)
     self.attn = Attention(config, rngs=rngs)
-    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    self.mlp_norm = _norm(config, d, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
+    self.post_attn_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
+    self.post_mlp_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
 
-  def __call__(self, x_btd, cos, sin, mask_bts, cache, layer, cache_index):
-    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, cache, layer, cache_index)
+  def __call__(self, x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window):
+    y, cache = self.attn(self.attn_norm(x_btd), cos, sin, key_valid_bs, cache, layer, cache_index,
+                         window)
+    if self.post_attn_norm is not None:
+      y = self.post_attn_norm(y)
     x_btd = x_btd + y
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+    y = self.mlp(self.mlp_norm(x_btd))
+    if self.post_mlp_norm is not None:
+      y = self.post_mlp_norm(y)
+    return x_btd + y, cache
 
 
-def _run_block(block: Block, x_btd, cos, sin, mask_bts, cache, cache_index, layer: int):
-  return block(x_btd, cos, sin, mask_bts, cache, layer, cache_index)
+def _run_block(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
+               cache_index: jax.Array | int, window: int | None):
+  return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window)
 
 
-_run_block_remat = nnx.remat(_run_block, static_argnums=(7,))
+# Layer, cache index (an int wherever there is a backward pass) and window stay static, so
+# that the attention kernels see a static query offset.
+_run_block_remat = nnx.remat(_run_block, static_argnums=(6, 7, 8))
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
@@ -165,14 +188,15 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-  """Token embedding, L blocks, final RMSNorm, tied or untied unembedding."""
+  """Token embedding (times sqrt(D) for Gemma), L blocks, final RMSNorm, tied or untied
+  unembedding (then Gemma's final soft cap, if any)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     pd = jnp.dtype(config.param_dtype)
     self.config = config
     self.embed = _param(rngs, _normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, pd, rngs=rngs)
+    self.final_norm = _norm(config, config.hidden_size, rngs=rngs)
     self.lm_head = None if config.tie_word_embeddings else _param(
         rngs, _normal, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
 
@@ -184,42 +208,80 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
              cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-             remat: bool | None = None) -> tuple[jax.Array, KVCache | None]:
+             remat: bool | None = None,
+             activation_sharding=None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
     Token t of these T occupies slot cache_index + t and attends to the valid slots at or
-    before it: without a cache the slots are these T tokens, with one they are the cache's
-    S slots after the T new keys/values and validities are written at [cache_index, +T).
+    before it (in a sliding layer, the last sliding_window of those slots): without a cache
+    the slots are these T tokens, with one they are the cache's S slots after the T new
+    keys/values and validities are written at [cache_index, +T).
     remat: rematerialise each block in the backward pass; None means config.remat without a
     cache and no remat with one (decoding has no backward pass, and nnx.remat cannot run
     inside the sampler's while_loop).
+    activation_sharding: the sharding of the [B, T, D] activations (rows over the batch axes),
+    kept after the embedding and every block. Without it, under FSDP the activations follow
+    the embedding table's layout (model width over fsdp), and every device computes every
+    row's MLP as partial sums ([B * T, F] per device instead of [B * T / devices, F]).
     """
-    cd = self.config.compute_dtype
-    x = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(cd)  # [B, T, D]
-    cos, sin = rope_angles(self.config, positions)
+    constrain = (lambda y: y) if activation_sharding is None else (
+        lambda y: jax.lax.with_sharding_constraint(y, activation_sharding))
+    config = self.config
+    x = jnp.take(self.embed[...], tokens, axis=0, mode="clip")  # [B, T, D]
+    if config.is_gemma:  # sqrt(D) in the parameter dtype, as transformers rounds it
+      x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
+    x = constrain(x.astype(config.compute_dtype))
+    rope = {FULL: rope_angles(config, positions)}
+    rope[SLIDING] = rope[FULL] if config.rope_local_theta is None else rope_angles(
+        config, positions, local=True)
     key_valid = attention_mask.astype(jnp.bool_)  # [B, S]
     if cache is not None:
-      cache_index = jnp.asarray(cache_index, jnp.int32)
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (jnp.int32(0), cache_index))
+      if not isinstance(cache_index, int):
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (0, cache_index))
       cache = cache.replace(valid=key_valid)
-    query_slots = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
-    key_slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)  # [S]
-    mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
+    windows = {FULL: None, SLIDING: config.sliding_window}
     if remat is None:
-      remat = self.config.remat and cache is None
+      remat = config.remat and cache is None
     run = _run_block_remat if remat else _run_block
     for layer, block in enumerate(self.layers):
-      x, cache = run(block, x, cos, sin, mask, cache, cache_index, layer)
+      kind = config.layer_type(layer)
+      x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind])
+      x = constrain(x)
     return self.final_norm(x), cache
 
   def unembed(self) -> jax.Array:
-    """The output projection [D, V] in the compute dtype (tied: the embedding transposed)."""
+    """The output projection [D, V] in the compute dtype (tied: the embedding transposed).
+
+    Logits are h @ unembed() only without config.final_logit_softcap; `logits` and
+    `token_logprobs` apply the cap.
+    """
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     return w.astype(self.config.compute_dtype)
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
-    """h W_out accumulated in float32: [B, T, D] -> [B, T, V]."""
-    return jnp.einsum("btd,dv->btv", h_btd, self.unembed(), preferred_element_type=jnp.float32)
+    """cap(h W_out) accumulated in float32: [B, T, D] -> [B, T, V]."""
+    logits_btv = jnp.einsum("btd,dv->btv", h_btd, self.unembed(), preferred_element_type=jnp.float32)
+    return logprobs_lib.soft_cap(logits_btv, self.config.final_logit_softcap)
+
+  def token_logprobs(self, h_btd: jax.Array, targets_bt: jax.Array, *, temperature: float = 1.0,
+                     chunk_size: int = logprobs_lib.DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """log softmax(logits(h) / temperature)[targets] [B, T] float32, never holding [B, T, V]
+    logits (logprobs.chunked_token_logprobs with this model's output projection and cap)."""
+    return logprobs_lib.chunked_token_logprobs(
+        h_btd, self.unembed(), targets_bt, temperature=temperature,
+        soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
+
+  def token_logprobs_and_entropy(self, h_btd: jax.Array, targets_bt: jax.Array, *,
+                                 temperature: float = 1.0,
+                                 chunk_size: int = logprobs_lib.DEFAULT_CHUNK_SIZE
+                                 ) -> tuple[jax.Array, jax.Array]:
+    """token_logprobs, and the entropy [B, T] float32 (under stop_gradient) of
+    softmax(logits(h) / temperature) at each position, from the same logit chunks
+    (logprobs.chunked_token_logprobs_and_entropy)."""
+    return logprobs_lib.chunked_token_logprobs_and_entropy(
+        h_btd, self.unembed(), targets_bt, temperature=temperature,
+        soft_cap=self.config.final_logit_softcap, chunk_size=chunk_size)
 
 
 def init(config: ModelConfig, *, seed: int = 0) -> Transformer:

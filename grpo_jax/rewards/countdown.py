@@ -45,18 +45,31 @@ def _value(node: ast.expr) -> fractions.Fraction:
   return _BINARY[type(node.op)](_value(node.left), _value(node.right))
 
 
-def solves(expression: str, numbers: list[int], target: int | str) -> bool:
-  """True when `expression` uses each of `numbers` at most once and equals `target`."""
+def evaluate(expression: str) -> tuple[list[int], fractions.Fraction] | None:
+  """The integer literals of `expression`, in order, and its exact value; None when it is
+  not an expression of integers, + - * /, unary minus and parentheses, or has no value."""
   for spelling, op in _OPERATORS.items():
     expression = expression.replace(spelling, op)
   if len(expression) > _MAX_CHARS:
-    return False
+    return None
   try:
     tree = ast.parse(expression.strip(), mode="eval")
-    used = _literals(tree.body)
-    if collections.Counter(used) - collections.Counter(int(n) for n in numbers):
-      return False
-    return _value(tree.body) == fractions.Fraction(int(target))
+    return _literals(tree.body), _value(tree.body)
   except (SyntaxError, ValueError, RecursionError, MemoryError, _NotAllowed,
           ZeroDivisionError):
+    return None
+
+
+def uses_numbers(used: list[int], numbers: list[int]) -> bool:
+  """True when `used` takes each of `numbers` at most once."""
+  return not collections.Counter(used) - collections.Counter(int(n) for n in numbers)
+
+
+def solves(expression: str, numbers: list[int], target: int | str) -> bool:
+  """True when `expression` uses each of `numbers` at most once and equals `target`."""
+  evaluated = evaluate(expression)
+  try:
+    return (evaluated is not None and uses_numbers(evaluated[0], numbers)
+            and evaluated[1] == int(target))
+  except ValueError:  # a number or the target is not an integer
     return False

@@ -13,8 +13,8 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d)[, ](?=\d{3}(?!\d))")
 
 
-def last_boxed(text: str) -> str | None:
-  """Content of the last complete `\\boxed{...}` (nested braces balanced), if any."""
+def _last_boxed_at(text: str) -> tuple[str, int] | None:
+  """Content of the last complete `\\boxed{...}` and the offset just past its "}"."""
   for match in reversed(list(_BOXED.finditer(text))):
     depth = 1
     for i in range(match.end(), len(text)):
@@ -23,28 +23,45 @@ def last_boxed(text: str) -> str | None:
       elif text[i] == "}":
         depth -= 1
         if depth == 0:
-          return text[match.end():i].strip()
+          return text[match.end():i].strip(), i + 1
+  return None
+
+
+def last_boxed(text: str) -> str | None:
+  """Content of the last complete `\\boxed{...}` (nested braces balanced), if any."""
+  found = _last_boxed_at(text)
+  return None if found is None else found[0]
+
+
+def final_answer_at(text: str) -> tuple[str, int] | None:
+  """`final_answer` and the offset in `text` just past where it is written (past the
+  closing brace or tag, or the end of the `####` line); None when there is none."""
+  found = _last_boxed_at(text)
+  if found is not None:
+    return found
+  for pattern in (_ANSWER_TAG, _HASHES):
+    matches = list(pattern.finditer(text))
+    if matches:
+      return matches[-1].group(1).strip(), matches[-1].end()
   return None
 
 
 def final_answer(text: str) -> str | None:
   """The model's final answer: last `\\boxed{}`, else last `<answer>`, else last `####`."""
-  boxed = last_boxed(text)
-  if boxed is not None:
-    return boxed
-  tags = _ANSWER_TAG.findall(text)
-  if tags:
-    return tags[-1].strip()
-  hashes = _HASHES.findall(text)
-  if hashes:
-    return hashes[-1].strip()
-  return None
+  found = final_answer_at(text)
+  return None if found is None else found[0]
+
+
+def _last_number_at(text: str) -> tuple[str, int] | None:
+  """The last number written in `text`, as written, and the offset just past it."""
+  numbers = list(_NUMBER.finditer(text))
+  return (numbers[-1].group(), numbers[-1].end()) if numbers else None
 
 
 def last_number(text: str) -> str | None:
   """The last number written in `text`, as written."""
-  numbers = _NUMBER.findall(text)
-  return numbers[-1] if numbers else None
+  found = _last_number_at(text)
+  return None if found is None else found[0]
 
 
 def normalize(text: str) -> str:
@@ -53,13 +70,17 @@ def normalize(text: str) -> str:
   return _THOUSANDS.sub("", text)
 
 
+def extract_answer_at(text: str) -> tuple[str, int] | None:
+  """`extract_answer` and the offset in `text` just past where it is written."""
+  found = final_answer_at(text) or _last_number_at(text)
+  return None if found is None else (normalize(found[0]), found[1])
+
+
 def extract_answer(text: str) -> str | None:
   """The normalised final answer (`final_answer`, else `last_number`), for exact
   comparison and majority votes; None when the text has neither."""
-  answer = final_answer(text)
-  if answer is None:
-    answer = last_number(text)
-  return None if answer is None else normalize(answer)
+  found = extract_answer_at(text)
+  return None if found is None else found[0]
 
 
 def opened_think(prompt: str, completion: str) -> str:
@@ -75,11 +96,16 @@ def opened_think(prompt: str, completion: str) -> str:
   return completion
 
 
-def reasoning(completion: str) -> str:
-  """The text inside `<think>...</think>`; the whole completion when it has no think tag."""
+def reasoning_span(completion: str) -> tuple[int, int]:
+  """(start, end) of the text inside `<think>...</think>`; the whole completion when it
+  has no think tag, from its start when the tag was opened by the prompt."""
   start = completion.find("<think>")
   start = 0 if start < 0 else start + len("<think>")
   end = completion.find("</think>", start)
-  if end < 0:
-    return completion[start:]
+  return start, len(completion) if end < 0 else end
+
+
+def reasoning(completion: str) -> str:
+  """The text inside `<think>...</think>`; the whole completion when it has no think tag."""
+  start, end = reasoning_span(completion)
   return completion[start:end]

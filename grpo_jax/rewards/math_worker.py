@@ -5,8 +5,11 @@ timeout inside this process can stop a check stuck in C code: `9^{9^{9^9}}` make
 compute a huge integer power while holding the GIL, which freezes every thread. So the
 checks run in a pool of child processes (`serve`) that each read one JSON request per
 line on stdin and answer one JSON line on stdout; a child that does not answer within
-the time limit is killed and a fresh one is started for the next check. Children exit
-when their stdin closes, that is with this process.
+the time limit is killed and a fresh one is started for the next check. A child that dies
+while checking (killed from outside, or crashed by what it was given) costs that one
+check, which scores NaN and counts as a reward failure; the next check starts a fresh
+one, and a dead child is always waited for (no zombie). Children exit when their stdin
+closes, that is with this process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -21,6 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from grpo_jax.rewards import runner
 
 _LOG = logging.getLogger(__name__)
 _READY = b"ready"
@@ -58,6 +64,11 @@ class _Worker:
     if line != _READY:
       self.stop()
       raise RuntimeError(f"math-verify worker failed to start (said {line!r})")
+
+  def reap(self) -> None:
+    """Waits for the child if it has died (between checks, say), so no zombie stays."""
+    if self._proc is not None and self._proc.poll() is not None:
+      self.stop()
 
   def stop(self) -> None:
     if self._proc is not None:
@@ -102,12 +113,13 @@ _lost_checks = 0
 
 
 def _log_lost_check(pred: str | None, error: Exception) -> None:
-  """Warns about the first check that scored 0 for want of an answer; logs the rest at debug."""
+  """Warns about the first check that got no answer; logs the rest at debug."""
   global _lost_checks
   _lost_checks += 1
   level = logging.WARNING if _lost_checks == 1 else logging.DEBUG
-  _LOG.log(level, "accuracy: answer %.80r scored 0: %s (%d so far; warned once)",
-           pred, error, _lost_checks)
+  score = "NaN" if isinstance(error, WorkerDied) else "0"
+  _LOG.log(level, "accuracy: answer %.80r scored %s: %s (%d so far; warned once)",
+           pred, score, error, _lost_checks)
 
 
 class Pool:
@@ -121,11 +133,14 @@ class Pool:
 
   def check_all(self, pairs: list[tuple[str, str | None]],
                 timeout_s: float) -> list[float | None]:
-    """Checks every pair; one that times out or kills its child scores 0.0.
+    """Checks every pair. One that times out scores 0.0 (its child is killed: so long a
+    check means a hostile answer); one whose child dies scores NaN and is reported to the
+    reward runner as a failure (runner.report_failures).
 
     A child that cannot start raises RuntimeError.
     """
     results: list[float | None] = [0.0] * len(pairs)
+    died: list[int] = []
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for i in range(len(pairs)):
       todo.put(i)
@@ -141,7 +156,11 @@ class Pool:
             return
           try:
             results[i] = worker.check(*pairs[i], timeout_s)
-          except (CheckTimeout, WorkerDied) as e:
+          except CheckTimeout as e:
+            _log_lost_check(pairs[i][1], e)
+          except WorkerDied as e:
+            results[i] = math.nan
+            died.append(i)
             _log_lost_check(pairs[i][1], e)
       except BaseException as e:  # pylint: disable=broad-except
         errors.append(e)
@@ -154,9 +173,29 @@ class Pool:
       t.start()
     for t in threads:
       t.join()
+    self._reap_idle()
     if errors:
       raise errors[0]
+    runner.report_failures(len(died))
     return results
+
+  def close(self) -> None:
+    """Stops the idle children (a later check starts fresh ones)."""
+    self._each_idle(_Worker.stop)
+
+  def _reap_idle(self) -> None:
+    self._each_idle(_Worker.reap)
+
+  def _each_idle(self, fn) -> None:
+    idle = []
+    while True:
+      try:
+        idle.append(self._idle.get_nowait())
+      except queue.Empty:
+        break
+    for worker in idle:
+      fn(worker)
+      self._idle.put(worker)
 
 
 _POOL: Pool | None = None
