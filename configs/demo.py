@@ -3,12 +3,13 @@
 DeepSeek-R1's recipe in miniature: cold-start SFT on worked solutions (<think> working
 </think><answer>..</answer>), then GRPO with a verified reward (exact match). Held-out
 pass@1 (new prompts, k samples each at temperature 1) is printed before GRPO and at the
-end, and workdir/progress.png plots reward and pass@1 over steps. Four variants:
+end, and workdir/progress.png plots reward and pass@1 over steps. Five variants:
 
   python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo       # copy
   python -m grpo_jax.main --config=configs/demo.py:clean --workdir=runs/clean
   python -m grpo_jax.main --config=configs/demo.py:countdown --workdir=runs/countdown
   python -m grpo_jax.main --config=configs/demo.py:process --workdir=runs/process
+  python -m grpo_jax.main --config=configs/demo.py:lora --workdir=runs/demo_lora
 
 copy (the default): 2-digit addition. The warm-start data is unverified, as cold-start
   data written by another model is: 70% of its rows end in a wrong final answer after a
@@ -23,6 +24,10 @@ countdown: reach a target with three given numbers and + - * / (as TinyZero does
 process: copy with process supervision (DeepSeekMath 4.1.3): each line of the worked
   solution and the final answer is a step with a reward of its own (`arithmetic_steps`),
   in place of the outcome rewards.
+lora: copy with LoRA: the cold-start SFT trains every weight (it plays the pretraining a
+  real base model had), then GRPO trains rank-16 adapters on every projection over that
+  frozen base, which is also pi_ref (README "LoRA"); the adapters take a higher learning
+  rate.
 
 Settings common to all: 8 prompts x 8 completions a step, exact match only where the
 warm start is clean (a format bonus is the only difference inside a group that is all
@@ -35,7 +40,7 @@ import ml_collections
 from grpo_jax import config
 from grpo_jax.errors import UserError
 
-VARIANTS = ("copy", "clean", "countdown", "process")
+VARIANTS = ("copy", "clean", "countdown", "process", "lora")
 ARITHMETIC = "synthetic:arithmetic:digits=2,ops=+,wrong_answers={}"
 
 
@@ -63,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.logging.progress_every_s = 5.0
   cfg.sampler.max_new_tokens = 64  # N; the longest worked sum is 56 tokens with EOS
   cfg.sft.max_len = 112
-  if variant in ("copy", "process"):
+  if variant in ("copy", "process", "lora"):
     cfg.data.source = ARITHMETIC.format(70)
     cfg.rewards = "exact_match:1,format:0.1"
     cfg.train.num_steps = 100
@@ -73,6 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "process":
       cfg.grpo.supervision = "process"
       cfg.step_rewards = "arithmetic_steps"
+    if variant == "lora":
+      cfg.model.lora.rank = 16
+      cfg.model.lora.alpha = 32.0
+      cfg.model.lora.sft_trains = "weights"
+      cfg.train.learning_rate = 1e-3
     return cfg
   cfg.rewards = "exact_match:1"
   cfg.eval.k = 8

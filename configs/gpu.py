@@ -2,6 +2,7 @@
 
   python -m grpo_jax.main --config=configs/gpu.py:model=DIR,data=FILE.jsonl --workdir=DIR
   python -m grpo_jax.main --config=configs/gpu.py:7b,model=DIR,data=FILE.jsonl --workdir=DIR
+  python -m grpo_jax.main --config=configs/gpu.py:7b,lora,model=DIR,data=FILE.jsonl --workdir=DIR
 
 launch/gpu_nodes.sh starts one process per node. Arguments as configs/hf.py's, optionally
 led by the model size; memory arithmetic in configs/accelerators.py. FSDP over every GPU;
@@ -16,6 +17,12 @@ leaves one gradient all-reduce per update to the network.
   = 7.6 GB and 128 / 4 / 8 = 4 rows (0.8 GB of block inputs, 1.4 GB for one block's
   attention): about 25 GB. Rollout: 15.2 GB + 15.2 GB of gathered bf16 weights + 16 rows of
   KV cache (0.9 GB): about 31 GB.
+7b,lora (Llama-3.1-8B or Qwen2.5-7B, rank 64), one H100; estimates by arithmetic for Llama-3.1-8B
+  (P = 8.03e9, D 4096, 32 layers, 32 heads, 8 kv heads): base 16.1 GB, adapters and moments
+  2.0 GB. Update: gradients 1.3 GB and 128 / 4 = 32 rows: 32 * 32 * 1024 * 4096 * 2 = 8.6 GB of
+  block inputs and 3 * 32 * 32 * 1024^2 * 4 = 12.9 GB for one block's attention: about 41 GB.
+  Rollout: 18.1 GB + the merged copy 16.1 GB + 128 rows of KV cache (17.2 GB): about 51 GB of
+  the 80 GB (a full fine-tune needs 16P = 128 GB).
 """
 
 import ml_collections

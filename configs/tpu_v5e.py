@@ -2,6 +2,7 @@
 
   python -m grpo_jax.main --config=configs/tpu_v5e.py:model=DIR,data=FILE.jsonl --workdir=DIR
   python -m grpo_jax.main --config=configs/tpu_v5e.py:7b,model=DIR,data=FILE.jsonl --workdir=DIR
+  python -m grpo_jax.main --config=configs/tpu_v5e.py:7b,lora,model=DIR,data=FILE.jsonl ...
 
 Arguments as configs/hf.py's, optionally led by the model size; memory arithmetic in
 configs/accelerators.py.
@@ -17,6 +18,13 @@ configs/accelerators.py.
   (0.5 GB): about 8 GB. On a v5litepod-16, 7.6 GB + 3.8 GB of gradients before activations.
   Evaluation samples its rows without the rollout layout, so each chip may hold the KV cache
   of all of them (4 * 58.7 MB per prompt at k = 4): 16 prompts keep that to 3.8 GB.
+7b,lora (Qwen2.5-7B, rank 64), v5litepod-8: FSDP 2 x tensor 4, estimates by arithmetic. Per chip:
+  base 15.2 GB / 8 = 1.9 GB, adapters and moments 1.9 GB split 2 or 4 ways (at most 1.0 GB).
+  Update: gradients 1.3 GB / 2 = 0.6 GB and 256 / 8 / 2 = 16 rows: 16 * 0.21 = 3.3 GB of block
+  inputs and 3 * 16 * 0.12 / 4 = 1.4 GB for one block's attention: about 8 GB. Rollout: 2.9 GB
+  + 15.2 GB / 4 = 3.8 GB of gathered weights + their merged copy 3.8 GB + 128 rows of KV cache
+  / 4 (1.9 GB): about 12.4 GB of the 16 GiB (a full fine-tune needs 121.8 GB / 8 = 15.2 GB
+  before activations).
 """
 
 import ml_collections

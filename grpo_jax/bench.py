@@ -4,7 +4,9 @@
   python -m grpo_jax.bench --what=trl [--trl_venv=DIR | --trl_python=PYTHON]
   python -m grpo_jax.bench --what=scaling [--sweep_g=4,8,16 --sweep_n=32,64,128 --sweep_b=4,8,16]
   python -m grpo_jax.bench --what=sampler --model=demo --batch=8 --new_tokens=64 --prompt_len=16
+  python -m grpo_jax.bench --what=sampler ... --lora_rank=16 --lora_base_dtype=nf4 --lora_rollout=low_rank
   python -m grpo_jax.bench --what=decode --model=demo --batch=64 --cache_len=4096 --fill=64
+  python -m grpo_jax.bench --what=attention --model=qwen2.5-0.5b --batch=1 --prompt_len=8192
 
 Without --config, step / trl / scaling use the comparison setup, made in --workdir: a tiny
 Qwen2 checkpoint (hidden 128, 4 layers, vocab 512: random weights, a tokenizer trained
@@ -41,11 +43,13 @@ import ml_collections
 from absl import app
 from absl import flags
 
+from grpo_jax import bench_attention
 from grpo_jax import bench_compare
 from grpo_jax import bench_decode
 from grpo_jax import bench_step
 from grpo_jax import cli
 from grpo_jax import config as config_lib
+from grpo_jax import models
 from grpo_jax.errors import UserError, exit_on_user_error
 
 
@@ -110,7 +114,8 @@ def comparison_rows(ours: dict[str, Any], trl: dict[str, Any]) -> list[list[str]
 def define_flags() -> None:
   """The command line (defined only when this module runs as the program)."""
   cli.define_flags(workdir=True)
-  flags.DEFINE_enum("what", "step", ["step", "trl", "scaling", "sampler", "decode"],
+  flags.DEFINE_enum("what", "step", ["step", "trl", "scaling", "sampler", "decode",
+                                           "attention"],
                     "What to measure.")
   flags.DEFINE_string("model", None, f"demo | {bench_step.QWEN_SHAPE} | a local Hugging Face "
                       "checkpoint dir; step/scaling: replaces model.path (sampler default: demo).")
@@ -132,15 +137,23 @@ def define_flags() -> None:
   flags.DEFINE_list("sweep_g", ["4", "8", "16"], "scaling: values of G.")
   flags.DEFINE_list("sweep_n", ["32", "64", "128"], "scaling: values of N.")
   flags.DEFINE_list("sweep_b", ["4", "8", "16"], "scaling: values of B.")
-  flags.DEFINE_integer("batch", 64, "sampler, decode: B, sequences per call.", lower_bound=1)
+  flags.DEFINE_integer("batch", 64, "sampler, decode, attention: B, sequences per call.", lower_bound=1)
   flags.DEFINE_integer("cache_len", 4096, "decode: L, slots of the KV cache.", lower_bound=1)
   flags.DEFINE_integer("fill", 64, "decode: P, filled slots of the cache (1..L).", lower_bound=1)
   flags.DEFINE_integer("new_tokens", 512, "sampler: N, tokens generated per sequence.",
                        lower_bound=1)
-  flags.DEFINE_integer("prompt_len", 64, "sampler: T, prompt tokens per sequence.", lower_bound=1)
-  flags.DEFINE_enum("dtype", "bfloat16", list(config_lib.DTYPES), "sampler, decode: parameter and "
-                    "compute dtype.")
+  flags.DEFINE_integer("prompt_len", 64, "sampler: T, prompt tokens per sequence; attention: T, "
+                       "tokens per row.", lower_bound=1)
+  flags.DEFINE_enum("dtype", "bfloat16", list(config_lib.DTYPES), "sampler, decode, attention: "
+                    "parameter and compute dtype.")
   flags.DEFINE_integer("seed", 0, "sampler, decode: seed of the random weights and prompts.")
+  flags.DEFINE_integer("lora_rank", 0, "sampler: LoRA adapters of this rank (alpha 2r) on "
+                       "every projection; 0: none.", lower_bound=0)
+  flags.DEFINE_enum("lora_base_dtype", "float32", list(config_lib.LORA_BASE_DTYPES),
+                    "sampler: how the LoRA model's base is stored.")
+  flags.DEFINE_enum("lora_rollout", "merged", ["merged", "low_rank"], "sampler: LoRA adapters "
+                    "merged into the weights once per call (as training samples), or applied "
+                    "at every new token.")
   flags.DEFINE_string("out", None, "Also write the results as JSON to this file.")
 
 
@@ -172,10 +185,15 @@ def run_sampler(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
   del workdir
   spec = f.model or "demo"
   args = bench_step.BenchArgs(batch=f.batch, prompt_len=f.prompt_len, new_tokens=f.new_tokens,
-                   steps=f.steps, mem_bw_gbs=f.mem_bw_gbs, seed=f.seed)
-  r = bench_step.bench_sampler(bench_step.load_model(spec, f.dtype, f.seed), args)
+                   steps=f.steps, mem_bw_gbs=f.mem_bw_gbs, seed=f.seed,
+                   lora_rollout=f.lora_rollout)
+  lora = None if not f.lora_rank else models.LoRASpec(
+      rank=f.lora_rank, alpha=2.0 * f.lora_rank, base_dtype=f.lora_base_dtype)
+  r = bench_step.bench_sampler(bench_step.load_model(spec, f.dtype, f.seed, lora), args)
+  lora_text = "" if lora is None else (f" LoRA r={f.lora_rank} base={f.lora_base_dtype} "
+                                       f"{f.lora_rollout}")
   print(f"sampler on {bench_step.device_name()}: model={spec} B={f.batch} T={f.prompt_len} "
-        f"N={f.new_tokens} dtype={f.dtype}")
+        f"N={f.new_tokens} dtype={f.dtype}{lora_text}")
   print(f"compile: {r['compile_s']:.2f} s")
   print(f"steady: {r['step_s']:.4f} s per call (median of {f.steps}), "
         f"{r['tokens_per_s']:.1f} tokens/s")
@@ -183,7 +201,8 @@ def run_sampler(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
         f"per decode step (weights {r['weight_bytes'] / 1e6:.2f} MB + KV cache "
         f"{r['kv_bytes_mean'] / 1e6:.2f} MB) / {f.mem_bw_gbs:g} GB/s = "
         f"{r['bound_tokens_per_s']:.1f} tokens/s; achieved {100 * r['bound_ratio']:.1f}% of it")
-  return {"model": spec, "dtype": f.dtype, **dataclasses.asdict(args), **r}
+  return {"model": spec, "dtype": f.dtype, "lora_rank": f.lora_rank,
+          "lora_base_dtype": f.lora_base_dtype, **dataclasses.asdict(args), **r}
 
 
 def run_step(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
@@ -247,8 +266,20 @@ def run_decode(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
   return {"model": spec, "dtype": f.dtype, "attention": config.attention, **r}
 
 
+def run_attention(f: flags.FlagValues, workdir: str) -> dict[str, Any]:
+  del workdir
+  spec = f.model or "demo"
+  config = bench_step.load_model(spec, f.dtype, f.seed).config
+  r = bench_attention.measure(config, batch=f.batch, tokens=f.prompt_len)
+  print(f"attention with its backward pass, compiled on {bench_step.device_name()}: "
+        f"model={spec} B={f.batch} T={f.prompt_len} dtype={f.dtype} (compiler figures)")
+  print("temporaries: " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
+                                    for k, v in r["attention_train_temp_bytes"].items()))
+  return {"model": spec, "dtype": f.dtype, **r}
+
+
 BENCHMARKS = {"step": run_step, "trl": run_trl, "scaling": run_scaling, "sampler": run_sampler,
-              "decode": run_decode}
+              "decode": run_decode, "attention": run_attention}
 
 
 @exit_on_user_error

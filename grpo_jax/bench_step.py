@@ -51,15 +51,19 @@ def check_model_spec(spec: str) -> None:
                     "local Hugging Face checkpoint dir")
 
 
-def load_model(spec: str, dtype: str, seed: int) -> models.Transformer:
-  """The model named by --model."""
+def load_model(spec: str, dtype: str, seed: int,
+               lora: models.LoRASpec | None = None) -> models.Transformer:
+  """The model named by --model, with fresh LoRA adapters of `lora` (if given)."""
   check_model_spec(spec)
   if spec in QWEN_NAMES:
-    return models.init(qwen25_05b_shape(dtype), seed=seed)
+    return models.init(dataclasses.replace(qwen25_05b_shape(dtype), lora=lora), seed=seed)
   cfg = config_lib.defaults()
   cfg.model.path = "" if spec == "demo" else spec
   cfg.model.dtype = dtype
   cfg.train.seed = seed
+  if lora is not None:
+    cfg.model.lora.rank, cfg.model.lora.alpha = lora.rank, lora.alpha
+    cfg.model.lora.base_dtype = lora.base_dtype
   _, model = builder.load_model(config_lib.freeze(cfg, num_devices=1))
   return model
 
@@ -162,6 +166,14 @@ class BenchArgs:
   steps: int
   mem_bw_gbs: float
   seed: int
+  lora_rollout: str = "merged"  # LoRA: merged once per call | low_rank (at every token)
+
+
+@jax.jit(static_argnames=("settings",))
+def _generate_low_rank(graphdef, params, prompt_tokens, prompt_mask, key, settings):
+  """sampler.generate_jit without merging: LoRA adapters applied at every new token."""
+  return sampler.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
+                               settings)
 
 
 def bench_sampler(model: models.Transformer, args: BenchArgs) -> dict[str, Any]:
@@ -172,8 +184,9 @@ def bench_sampler(model: models.Transformer, args: BenchArgs) -> dict[str, Any]:
   mask = jnp.ones((b, t), jnp.int32)
   settings = sampler.SamplingSettings(max_new_tokens=n, stop_at_eos=False)
   graphdef, params = nnx.split(model)
+  generate = _generate_low_rank if args.lora_rollout == "low_rank" else sampler.generate_jit
   timing = time_compiled(
-      sampler.generate_jit, (graphdef, params, tokens, mask, key), {"settings": settings},
+      generate, (graphdef, params, tokens, mask, key), {"settings": settings},
       args.steps,
       vary=lambda args, i: (*args[:4], jax.random.fold_in(key, i)))
   tokens_per_s = b * n / timing.step_s

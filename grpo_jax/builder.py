@@ -33,6 +33,8 @@ from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
 from grpo_jax.models import attention as attention_lib
+from grpo_jax.models import lora as lora_lib
+from grpo_jax.models import peft_io
 
 # -- the model, its tokenizer, the data ---------------------------------------------------------
 
@@ -40,6 +42,15 @@ from grpo_jax.models import attention as attention_lib
 def attention_impl(cfg: config_lib.Config, backend: str | None = None) -> str:
   """The attention implementation model.attention names on backend (default: jax's)."""
   return attention_lib.resolve(cfg.model.attention, backend or jax.default_backend())
+
+
+def lora_spec(cfg: config_lib.Config) -> models.LoRASpec | None:
+  """The model.lora section as the model reads it; None when LoRA is off (rank 0)."""
+  lora = cfg.model.lora
+  if lora.rank == 0:
+    return None
+  return models.LoRASpec(rank=lora.rank, alpha=lora.alpha, targets=lora.target_names,
+                         dropout=lora.dropout, base_dtype=lora.base_dtype)
 
 
 def demo_model_config(cfg: config_lib.Config, tokenizer,
@@ -55,7 +66,7 @@ def demo_model_config(cfg: config_lib.Config, tokenizer,
       max_position_embeddings=4096, bos_token_id=None,
       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-      attention=attention_impl(cfg, backend))
+      attention=attention_impl(cfg, backend), lora=lora_spec(cfg))
 
 
 def load_tokenizer(path: str):
@@ -70,17 +81,38 @@ def load_tokenizer(path: str):
 
 
 def load_model(cfg: config_lib.Config):
-  """(tokenizer, model) for model.path, or the demo tokenizer and a fresh demo model."""
+  """(tokenizer, model) for model.path, or the demo tokenizer and a fresh demo model; with
+  LoRA, adapters over it (fresh, or those of model.lora.init_from)."""
   if not cfg.model.path:
     tokenizer = data_lib.demo_tokenizer()
-    return tokenizer, models.init(demo_model_config(cfg, tokenizer), seed=cfg.train.seed)
-  if not os.path.isdir(cfg.model.path):
+    model = models.init(demo_model_config(cfg, tokenizer), seed=cfg.train.seed)
+  elif not os.path.isdir(cfg.model.path):
     raise UserError(f"model.path={cfg.model.path!r} is not a directory; give a local Hugging "
                     "Face checkpoint dir (config.json + safetensors) or \"\" for the demo model")
-  model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
-                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                                 attention=attention_impl(cfg))
-  return load_tokenizer(cfg.model.path), model
+  else:  # the model first: its errors (no config.json, an unknown family) say more
+    model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
+                                   param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                   attention=attention_impl(cfg), lora=lora_spec(cfg),
+                                   seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+  if cfg.model.lora.init_from:
+    model = load_initial_adapter(cfg, model)
+  return tokenizer, model
+
+
+def load_initial_adapter(cfg: config_lib.Config, model):
+  """The model with the adapters of model.lora.init_from, whose rank, alpha and targets must
+  be the config's (the train state's layout follows the config); dropout stays the config's."""
+  directory, spec = cfg.model.lora.init_from, lora_spec(cfg)
+  found = peft_io.adapter_spec(directory, spec.base_dtype)
+  for key in ("rank", "alpha", "targets"):
+    if getattr(found, key) != getattr(spec, key):
+      raise UserError(
+          f"model.lora.init_from={directory!r} holds adapters of rank {found.rank}, alpha "
+          f"{found.alpha}, targets {','.join(found.targets)}; set model.lora.rank, "
+          "model.lora.alpha and model.lora.targets to those")
+  peft_io.read_adapters(model, directory)
+  return model
 
 
 def host_device() -> jax.Device | None:
@@ -147,7 +179,8 @@ class TrainSetup:
     """jit: params laid out by layout.params -> the TrainState laid out by state_shardings."""
     c = self.cfg
     return jax.jit(lambda p: train_step_lib.init_state(p, self.tx, beta=c.grpo.beta,
-                                                       seed=c.train.seed),
+                                                       seed=c.train.seed,
+                                                       ref_reset_every=c.grpo.ref_reset_every),
                    in_shardings=(self.layout.params,), out_shardings=self.state_shardings)
 
   def init_state(self, params) -> train_step_lib.TrainState:
@@ -176,17 +209,22 @@ class TrainSetup:
 def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,
                 sampling: sampler_lib.SamplingSettings,
                 devices: Sequence[jax.Device] | None = None) -> TrainSetup:
-  """The TrainSetup of cfg for a model of model_config's shape on devices (default: all)."""
+  """The TrainSetup of cfg for a model of model_config's shape on devices (default: all),
+  with the LoRA adapters and base storage of cfg's model.lora."""
+  model_config = dataclasses.replace(model_config, lora=lora_spec(cfg))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: models.init(model_config)))
   mesh = mesh_lib.make_mesh(cfg.mesh.shape, devices)
   tx, lr_schedule = optimizer_lib.for_grpo(cfg)
   param_shardings = mesh_lib.param_shardings(abstract_params, mesh)
   replicated = mesh_lib.replicated(mesh)
-  opt_state = jax.eval_shape(tx.init, abstract_params)
+  opt_state = jax.eval_shape(tx.init, lora_lib.split_trainable(abstract_params)[0])
   state_shardings = train_step_lib.TrainState(
       step=replicated, params=param_shardings,
-      opt_state=mesh_lib.opt_state_shardings(tx, opt_state, param_shardings),
-      ref_params=param_shardings if cfg.grpo.beta > 0 else None, key=replicated)
+      opt_state=mesh_lib.opt_state_shardings(tx, opt_state,
+                                             lora_lib.split_trainable(param_shardings)[0]),
+      ref_params=lora_lib.reference_part(param_shardings, beta=cfg.grpo.beta,
+                                         ref_reset_every=cfg.grpo.ref_reset_every),
+      key=replicated)
   settings = train_step_lib.StepSettings(
       grpo=cfg.grpo, grad_accum_steps=cfg.train.grad_accum_steps, sampling=sampling,
       row_shards=mesh_lib.row_shards(mesh), kept_groups=cfg.data.prompts_per_step)

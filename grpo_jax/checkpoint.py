@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import json
 import os
@@ -153,22 +152,22 @@ class Checkpointer:
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     problem, state, meta, saved = "", None, {}, None
-    with _quiet_leftovers():
-      try:
-        self._check_layout(step, abstract_state)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(abstract_state),
-                _META: ocp.args.JsonRestore()}))
-        state = restored[_STATE]
-        meta, saved = _unseal(dict(restored[_META]))
-      except (UserError, MemoryError):
+    try:
+      self._check_layout(step, abstract_state)
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardRestore(abstract_state),
+              _META: ocp.args.JsonRestore()}))
+      state = restored[_STATE]
+      meta, saved = _unseal(dict(restored[_META]))
+    except (UserError, MemoryError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if "out of memory" in str(e).lower():
         raise
-      except Exception as e:  # pylint: disable=broad-except
-        if "out of memory" in str(e).lower():
-          raise
-        problem = _one_line(e)
+      problem = _one_line(e)
+      _drop_leftover_reports()
     if not _everywhere(not problem):
       raise Unreadable(problem or "another process could not read its part")
     wrong = fingerprint.mismatches(saved, state) if saved else []
@@ -306,18 +305,35 @@ def _unwritable(directory: str) -> str:
   return ""
 
 
-@contextlib.contextmanager
-def _quiet_leftovers():
-  """Drops what Python reports about objects it cannot finalise, until the garbage of the
-  block is collected: a failed Orbax read leaves coroutines behind whose finalisers print
-  "Event loop is closed" tracebacks by the dozen, which say nothing more."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    yield
-  finally:
-    gc.collect()
-    sys.unraisablehook = hook
+def _drop_leftover_reports() -> None:
+  """From now on, drops what Python reports about the leftovers of a failed Orbax read (once
+  installed, for the rest of the process): the read's abandoned coroutines, whose finalisers
+  print their exception and "Event loop is closed" tracebacks by the dozen when they are
+  collected, and TensorStore completing one of them later from its own thread, which reports
+  the closed loop through sys.excepthook. They say nothing the error line does not."""
+  if getattr(sys.excepthook, "drops_leftovers", False):
+    return
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+  def unraisablehook(unraisable):
+    if not (_from_orbax(unraisable.object) or _closed_loop(unraisable.exc_value)):
+      unraisable_hook(unraisable)
+
+  def excepthook(kind, value, tb):
+    if not _closed_loop(value):
+      except_hook(kind, value, tb)
+
+  excepthook.drops_leftovers = True
+  sys.unraisablehook, sys.excepthook = unraisablehook, excepthook
+
+
+def _from_orbax(obj: Any) -> bool:
+  code = getattr(obj, "cr_code", None)  # a coroutine's
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _closed_loop(e: BaseException | None) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
 def _everywhere(ok: bool) -> bool:

@@ -12,13 +12,11 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import types
-import typing
 from typing import Any, Mapping, Optional
 
 import ml_collections
-from ml_collections import config_dict
 
+from grpo_jax import typed_config
 from grpo_jax.errors import UserError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -30,6 +28,9 @@ ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.
 LR_SCHEDULES = ("cosine", "constant")
 SOURCE_PREFIXES = ("synthetic:", "jsonl:", "tfds:")
 MESH_AXES = ("data", "fsdp", "tensor")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_BASE_DTYPES = DTYPES + ("int8", "nf4")
+LORA_SFT_TRAINS = ("adapters", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,24 @@ class DemoModelCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRACfg:
+  """LoRA / QLoRA: train low-rank adapters over a frozen base instead of every weight."""
+  rank: int = 0  # r; 0 = off (every weight is trained)
+  alpha: Optional[float] = None  # adapters scaled by alpha / rank; None: rank (scale 1)
+  dropout: float = 0.0  # on the adapters' input, in the training forward
+  targets: str = ",".join(LORA_TARGETS)  # comma-separated PEFT target_modules names
+  base_dtype: Optional[str] = None  # float32 | bfloat16 | int8 | nf4 (QLoRA); None: model.dtype
+  init_from: str = ""  # a PEFT adapter dir to start from; "" = fresh adapters
+  # What SFT trains: the adapters, or every weight of a float base (which then is GRPO's
+  # frozen base and pi_ref, kept in the checkpoints of a warm-started run).
+  sft_trains: str = "adapters"  # adapters | weights
+
+  @property
+  def target_names(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelCfg:
   path: str = ""  # Hugging Face checkpoint dir; "" = the built-in demo model.
   dtype: str = "float32"  # compute dtype
@@ -50,6 +69,7 @@ class ModelCfg:
   remat: bool = False  # rematerialise each block in the backward pass
   attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
+  lora: LoRACfg = LoRACfg()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,85 +211,9 @@ class Config:
     return round(self.data.prompts_per_step * self.grpo.oversample)
 
 
-def _optional_base(hint: Any) -> Any:
-  """X for Optional[X], else None."""
-  if typing.get_origin(hint) in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0]
-  return None
-
-
-def _to_config_dict(instance: Any) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  hints = typing.get_type_hints(type(instance))
-  for f in dataclasses.fields(instance):
-    value = getattr(instance, f.name)
-    base = _optional_base(hints[f.name])
-    if dataclasses.is_dataclass(value):
-      cfg[f.name] = _to_config_dict(value)
-    elif value is None and base is not None:
-      cfg[f.name] = config_dict.placeholder(base)
-    else:
-      cfg[f.name] = value
-  return cfg
-
-
 def defaults() -> ml_collections.ConfigDict:
   """Every config key with its default value; config files start from this."""
-  return _to_config_dict(Config())
-
-
-def _type_name(hint: Any) -> str:
-  base = _optional_base(hint)
-  if base is not None:
-    return f"{_type_name(base)} or None"
-  if typing.get_origin(hint) is tuple:
-    return "a tuple of ints"
-  return hint.__name__
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-  """Checks `value` against the type hint; ints are accepted where floats are."""
-  base = _optional_base(hint)
-  if base is not None and value is None:
-    return None
-  expected = hint if base is None else base
-  if expected is float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    value = float(value) if ok else value
-  elif expected is int:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-  elif typing.get_origin(expected) is tuple:
-    ok = isinstance(value, (tuple, list)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
-    value = tuple(value) if ok else value
-  else:
-    ok = isinstance(value, expected)
-  if not ok:
-    raise UserError(f"config key {key}={value!r}: expected {_type_name(hint)}, "
-                    f"got {type(value).__name__}")
-  return value
-
-
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-  """Builds dataclass `cls` from nested `values`; absent keys take their defaults."""
-  hints = typing.get_type_hints(cls)
-  for name in values:
-    if name not in hints:
-      raise unknown_key_error(prefix + name)
-  kwargs = {}
-  for name, hint in hints.items():
-    if name not in values:
-      continue
-    key, value = prefix + name, values[name]
-    if dataclasses.is_dataclass(hint):
-      if not isinstance(value, Mapping):
-        raise UserError(f"config key {key}={value!r}: expected a section with keys "
-                        f"{', '.join(k for k, _ in _flat_items(hint()))}")
-      kwargs[name] = _build(hint, value, key + ".")
-    else:
-      kwargs[name] = _coerce(key, value, hint)
-  return cls(**kwargs)
+  return typed_config.to_config_dict(Config())
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -296,6 +240,8 @@ _ENUMS = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.attention": ATTENTION,
+    "model.lora.base_dtype": LORA_BASE_DTYPES,
+    "model.lora.sft_trains": LORA_SFT_TRAINS,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALE_REWARDS,
     "grpo.supervision": SUPERVISIONS,
@@ -309,6 +255,9 @@ _AT_LEAST = {  # key: (smallest allowed value, what the smallest means)
     "model.demo.num_layers": (1, ""),
     "model.demo.num_heads": (1, ""),
     "model.demo.num_kv_heads": (1, ""),
+    "model.lora.rank": (0, "off"),
+    "model.lora.alpha": (0, ""),
+    "model.lora.dropout": (0, ""),
     "data.prompts_per_step": (1, ""),
     "data.max_prompt_len": (1, ""),
     "data.num_eval_rows": (0, ""),
@@ -400,11 +349,27 @@ def _validate(c: Config) -> None:
          "grpo.minibatches_per_iteration", g.minibatches_per_iteration,
          f"a divisor of data.prompts_per_step={c.data.prompts_per_step} "
          "(whole groups per minibatch)")
+  _validate_lora(c.model.lora)
   demo = c.model.demo
   _check(demo.hidden_size % demo.num_heads == 0, "model.demo.hidden_size",
          demo.hidden_size, f"a multiple of model.demo.num_heads={demo.num_heads}")
   _check(demo.num_heads % demo.num_kv_heads == 0, "model.demo.num_heads",
          demo.num_heads, f"a multiple of model.demo.num_kv_heads={demo.num_kv_heads}")
+
+
+def _validate_lora(lora: LoRACfg) -> None:
+  targets = lora.target_names
+  _check(bool(targets) and not set(targets) - set(LORA_TARGETS), "model.lora.targets",
+         lora.targets, "a comma-separated list among " + ",".join(LORA_TARGETS))
+  _check(lora.dropout < 1, "model.lora.dropout", lora.dropout, "0 <= dropout < 1")
+  _check(lora.sft_trains == "adapters" or lora.base_dtype in DTYPES, "model.lora.sft_trains",
+         lora.sft_trains, f"adapters with model.lora.base_dtype={lora.base_dtype!r} (SFT "
+         "cannot train a quantized base)")
+  if lora.rank == 0:
+    _check(lora.base_dtype in DTYPES, "model.lora.base_dtype", lora.base_dtype,
+           "int8 and nf4 quantize the frozen base of a LoRA run: set model.lora.rank > 0")
+    _check(not lora.init_from, "model.lora.init_from", lora.init_from,
+           "a PEFT adapter dir starts LoRA adapters: set model.lora.rank > 0")
 
 
 def _check_batch_layout(c: Config) -> None:
@@ -442,12 +407,15 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
     import jax  # pylint: disable=g-import-not-at-top
     num_devices = jax.device_count()
   values = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
-  c = _build(Config, values, "")
+  c = typed_config.build(Config, values, "", unknown_key_error)
   g, e = c.grpo, c.eval
   c = dataclasses.replace(
       c,
-      model=dataclasses.replace(c.model, param_dtype=_or(c.model.param_dtype,
-                                                         c.model.dtype)),
+      model=dataclasses.replace(
+          c.model, param_dtype=_or(c.model.param_dtype, c.model.dtype),
+          lora=dataclasses.replace(c.model.lora, alpha=_or(c.model.lora.alpha,
+                                                           float(c.model.lora.rank)),
+                                   base_dtype=_or(c.model.lora.base_dtype, c.model.dtype))),
       grpo=dataclasses.replace(g, epsilon_high=_or(g.epsilon_high, g.epsilon_low)),
       eval=dataclasses.replace(
           e, temperature=_or(e.temperature, c.sampler.temperature),
@@ -460,20 +428,9 @@ def freeze(cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
   return c
 
 
-def _flat_items(instance: Any, prefix: str = "") -> list[tuple[str, Any]]:
-  items = []
-  for f in dataclasses.fields(instance):
-    value = getattr(instance, f.name)
-    if dataclasses.is_dataclass(value):
-      items += _flat_items(value, f"{prefix}{f.name}.")
-    else:
-      items.append((prefix + f.name, value))
-  return items
-
-
 def keys() -> list[str]:
   """Every config key, dotted as on the command line ("grpo.beta")."""
-  return [k for k, _ in _flat_items(Config())]
+  return [k for k, _ in typed_config.flat_items(Config())]
 
 
 def is_key(key: str) -> bool:
@@ -490,7 +447,7 @@ def unknown_key_error(key: str) -> UserError:
 
 def describe(c: Config) -> str:
   """One `key = value` line per config key, in section order."""
-  return "\n".join(f"{k} = {v!r}" for k, v in _flat_items(c))
+  return "\n".join(f"{k} = {v!r}" for k, v in typed_config.flat_items(c))
 
 
 def digest(c: Config) -> str:

@@ -18,6 +18,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
+from grpo_jax.models import lora as lora_lib
 
 CORRECTNESS_REWARDS = ("accuracy", "exact_match")
 
@@ -34,12 +35,13 @@ def correctness_reward(cfg: config_lib.Config) -> str:
 
 def make_sample_fn(graphdef, settings: sampler_lib.SamplingSettings):
   """jit: (params, prompt_tokens [P, T], prompt_mask [P, T], key, samples_per_prompt=k) ->
-  (tokens, mask) [P * k, N], a prompt's k samples consecutive."""
+  (tokens, mask) [P * k, N], a prompt's k samples consecutive (LoRA adapters merged once)."""
 
   @functools.partial(jax.jit, static_argnames="samples_per_prompt")
   def sample(params, prompt_tokens, prompt_mask, key, samples_per_prompt=1):
-    out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
-                                    settings, samples_per_prompt)
+    policy = lora_lib.for_rollout(nnx.merge(graphdef, params))
+    out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, settings,
+                                    samples_per_prompt)
     return out.tokens, out.mask.astype(jnp.int32)
 
   return sample

@@ -30,6 +30,7 @@ from grpo_jax import sft as sft_lib
 from grpo_jax import signals
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError, exit_on_user_error
+from grpo_jax.models import lora as lora_lib
 
 
 class Trainer:
@@ -49,6 +50,10 @@ class Trainer:
                                             async_save=cfg.checkpoint.async_save)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
                                             tensorboard=cfg.logging.tensorboard)
+    # A LoRA base trained by the warm start is not model.path's: checkpoints keep it.
+    lora = cfg.model.lora
+    self.checkpoints_base = (lora.rank > 0 and cfg.sft.num_steps > 0
+                             and lora.sft_trains == "weights")
 
   # -- pieces ------------------------------------------------------------------------------
 
@@ -73,19 +78,23 @@ class Trainer:
   def save(self, step: int, *, force: bool = False) -> None:
     meta = {"data": self.stream.state(), "config": config_lib.describe(self.cfg),
             "config_digest": config_lib.digest(self.cfg)}
-    self.ckpt.save(step, self.state, meta, force=force)
+    self.ckpt.save(step, self.checkpointed(), meta, force=force)
+
+  def checkpointed(self) -> train_step_lib.TrainState:
+    return train_step_lib.checkpointed(self.state, with_base=self.checkpoints_base)
 
   def restore(self) -> int:
     """Resumes from the newest checkpoint that reads back as written (newer, damaged ones
     are moved aside); returns its step (-1: fresh start)."""
-    restored = self.ckpt.restore_newest_good(self.state)
+    restored = self.ckpt.restore_newest_good(self.checkpointed())
     if restored is None:
       # Records of an attempt that died before its first checkpoint go; cold-start SFT, which
       # comes first, keeps its own up to its newest checkpoint and drops the rest itself.
       if self.cfg.sft.num_steps <= 0:
         self.writer.truncate_after(-1)
       return -1
-    step, self.state, meta = restored
+    step, saved, meta = restored
+    self.state = train_step_lib.restore_checkpointed(self.state, saved)
     self.stream.restore(meta["data"])
     if meta.get("config_digest") != config_lib.digest(self.cfg):
       logging.warning("resuming step %d with a config that differs from the checkpoint's "
@@ -96,7 +105,9 @@ class Trainer:
     return step
 
   def warm_start(self, stop: signals.StopRequest) -> bool:
-    """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result.
+    """Cold-start SFT (DeepSeek-R1) before GRPO; the reference policy starts from its result
+    (with LoRA, SFT trains the adapters GRPO goes on training and pi_ref stays the base, or
+    with model.lora.sft_trains="weights" the base, which pi_ref then is).
 
     SFT checkpoints under <workdir>/checkpoints_sft and resumes from there; returns False
     when a signal stopped it (its last step checkpointed).
@@ -214,8 +225,16 @@ class Trainer:
     if not self.is_main:
       return
     out_dir = f"{self.workdir}/hf"
-    models.save_pretrained(nnx.merge(self.setup.graphdef, params), out_dir)
+    model = nnx.merge(self.setup.graphdef, params)
+    models.save_pretrained(model, out_dir)  # with LoRA: merged
     data_lib.save_tokenizer(self.parts.tokenizer, out_dir)
+    if model.config.lora is not None:
+      base_dir = self.cfg.model.path or None
+      if self.checkpoints_base:  # the warm start's base, which the adapters go with
+        base_dir = f"{self.workdir}/base"
+        models.save_pretrained(lora_lib.without_adapters(model), base_dir)
+        data_lib.save_tokenizer(self.parts.tokenizer, base_dir)
+      models.save_peft_adapter(model, f"{self.workdir}/adapter", base_model_name_or_path=base_dir)
     self._print_eval("after GRPO", final_eval)
     if first_eval and final_eval:
       gain = 100 * (final_eval["eval/pass@1"] - first_eval["eval/pass@1"])

@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "norm": None,
+    "lora_rank": None,
 }
 
 
@@ -112,15 +113,15 @@ def rollout_sharding(sharding: NamedSharding) -> NamedSharding:
 def rollout_params(params: Any, shardings: Any, dtype: Any) -> Any:
   """The policy's params laid out for sampling (see the module docstring); traceable.
 
-  `shardings` is the params' training layout (param_shardings). Every weight but the norm
-  scales is cast to `dtype` before the gather: the model casts them to its compute dtype
+  `shardings` is the params' training layout (param_shardings). Every float parameter but the
+  norm scales is cast to `dtype` before the gather: the model casts them to its compute dtype
   where it uses them, so sampling sees the same values; float32 master weights move and
-  take half the bytes as bfloat16.
+  take half the bytes as bfloat16. Quantized weights (LoRA's int8 / nf4 base) move as they are.
   """
 
   def one(x: nnx.Variable, sharding: nnx.Variable) -> nnx.Variable:
     value = x.get_value()
-    if "norm" not in (x.get_metadata().get("out_sharding") or ()):
+    if isinstance(x, nnx.Param) and "norm" not in (x.get_metadata().get("out_sharding") or ()):
       value = value.astype(dtype)
     target = rollout_sharding(sharding.get_value())
     return x.replace(jax.lax.with_sharding_constraint(value, target))

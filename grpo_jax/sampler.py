@@ -24,6 +24,7 @@ from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import models
 from grpo_jax.config import DataCfg, SamplerCfg
 from grpo_jax.errors import UserError
+from grpo_jax.models import lora as lora_lib
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
@@ -232,9 +233,10 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
 def generate_jit(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens: jax.Array,
                  prompt_mask: jax.Array, key: jax.Array, settings: SamplingSettings,
                  samples_per_prompt: int = 1) -> SamplerOutput:
-  """`generate_from` compiled over the split model (graphdef static, params traced)."""
-  return generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, settings,
-                       samples_per_prompt)
+  """`generate_from` compiled over the split model (graphdef static, params traced); LoRA
+  adapters merged into the weights first, as the train step's rollout does."""
+  return generate_from(lora_lib.for_rollout(nnx.merge(graphdef, params)), prompt_tokens,
+                       prompt_mask, key, settings, samples_per_prompt)
 
 
 def generate(model: models.Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,

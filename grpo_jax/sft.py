@@ -5,7 +5,10 @@
 Trains on prompt/response rows: a JSONL file whose rows hold "prompt" and "response"
 (what `grpo_jax.rejection_sample` writes), or a synthetic task's worked solutions. The loss
 is the mean negative log-likelihood of the response tokens (and EOS). At the end the model
-is written as a Hugging Face checkpoint to <workdir>/hf, ready for `model.path`.
+is written as a Hugging Face checkpoint to <workdir>/hf, ready for `model.path`. With LoRA
+(model.lora.rank > 0) SFT trains the adapters only (or, with model.lora.sft_trains="weights",
+the base); hf/ then holds the merged model and <workdir>/adapter the adapters as a PEFT
+directory (for model.lora.init_from).
 
 Like GRPO, SFT checkpoints every checkpoint.every_steps steps (to <workdir>/checkpoints_sft)
 and on SIGTERM / Ctrl-C; the same command resumes it.
@@ -34,6 +37,7 @@ from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
 from grpo_jax import signals
 from grpo_jax.errors import UserError, exit_on_user_error
+from grpo_jax.models import lora as lora_lib
 
 
 def response_of(row: dict[str, Any]) -> str:
@@ -54,23 +58,35 @@ def sft_rows(cfg: config_lib.Config) -> list[dict[str, Any]]:
                             if source.startswith("jsonl:") else ("prompt", "answer"))
 
 
-def nll_loss(graphdef, params, tokens, loss_mask, attention_mask) -> jax.Array:
+def nll_loss(graphdef, params, tokens, loss_mask, attention_mask, dropout_key=None) -> jax.Array:
   """Mean NLL of tokens [B, T] where loss_mask is 1 (token t predicted from t - 1)."""
   model = nnx.merge(graphdef, params)
   h_btd, _ = model.hidden(tokens, positions=models.positions_from_mask(attention_mask),
-                          attention_mask=attention_mask)
+                          attention_mask=attention_mask, dropout_key=dropout_key)
   logps = model.token_logprobs(h_btd[:, :-1], tokens[:, 1:])
   mask = loss_mask[:, 1:].astype(jnp.float32)
   return -(logps * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def make_sft_step(graphdef, tx: optax.GradientTransformation):
+def trainable_split(cfg: config_lib.Config):
+  """params -> (what SFT trains, the rest): every weight, or with LoRA the adapters or (with
+  model.lora.sft_trains="weights") the base."""
+  weights = cfg.model.lora.rank > 0 and cfg.model.lora.sft_trains == "weights"
+  return lora_lib.split_base if weights else lora_lib.split_trainable
+
+
+def make_sft_step(graphdef, tx: optax.GradientTransformation, split=lora_lib.split_trainable):
+  """jit: one update of the params that `split` (trainable_split) gives first, on a batch."""
+
   @jax.jit
-  def sft_step(params, opt_state, tokens, loss_mask, attention_mask):
-    loss, grads = jax.value_and_grad(nll_loss, argnums=1)(graphdef, params, tokens, loss_mask,
-                                                          attention_mask)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+  def sft_step(params, opt_state, tokens, loss_mask, attention_mask, dropout_key):
+    trainable, frozen = split(params)
+    loss_of = lambda trainable: nll_loss(graphdef, lora_lib.join(trainable, frozen), tokens,
+                                         loss_mask, attention_mask, dropout_key)
+    loss, grads = jax.value_and_grad(loss_of)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    params = lora_lib.join(optax.apply_updates(trainable, updates), frozen)
+    return params, opt_state, loss, optax.tree.norm(grads)
 
   return sft_step
 
@@ -99,17 +115,21 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
   """Runs cfg.sft.num_steps SFT updates from params; returns (params, finished).
 
   Metrics go to the writer as step-0 records with "sft/step", "sft/loss", "sft/grad_norm".
-  With `ckpt`, SFT resumes from its newest checkpoint (params, optimizer state, position in
-  the data) and saves one every checkpoint.every_steps steps; once `stop.requested` (SIGTERM
-  or Ctrl-C) it saves the step it has just finished and returns finished=False.
+  With `ckpt`, SFT resumes from its newest checkpoint (the trainable params, optimizer state,
+  position in the data) and saves one every checkpoint.every_steps steps; once
+  `stop.requested` (SIGTERM or Ctrl-C) it saves the step it has just finished and returns
+  finished=False.
   """
   rows = list(rows if rows is not None else sft_rows(cfg))
   if not rows:
     raise UserError(f"sft.source={cfg.sft.source!r} has no rows")
   s = cfg.sft
   tx, _ = optimizer_lib.for_sft(cfg)
-  state = {"params": params, "opt_state": tx.init(params)}
-  step_fn = make_sft_step(graphdef, tx)
+  split = trainable_split(cfg)
+  trainable, frozen = split(params)
+  state = {"params": trainable, "opt_state": tx.init(trainable)}  # what a checkpoint holds
+  step_fn = make_sft_step(graphdef, tx, split)
+  dropout_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))[1]
   stream = data_lib.PromptStream(rows, s.batch_size, cfg.train.seed)
   start, restored = 0, ckpt.restore_newest_good(state) if ckpt is not None else None
   if restored:
@@ -126,10 +146,10 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
     tokens, loss_mask, attention_mask = data_lib.encode_sft(
         tokenizer, data_lib.format_row_prompts(tokenizer, batch, cfg.data),
         [response_of(r) for r in batch], max_len=s.max_len)
-    params, opt_state, loss, grad_norm = step_fn(state["params"], state["opt_state"],
-                                                 jnp.asarray(tokens), jnp.asarray(loss_mask),
-                                                 jnp.asarray(attention_mask))
-    state = {"params": params, "opt_state": opt_state}
+    params, opt_state, loss, grad_norm = step_fn(
+        lora_lib.join(state["params"], frozen), state["opt_state"], jnp.asarray(tokens),
+        jnp.asarray(loss_mask), jnp.asarray(attention_mask), jax.random.fold_in(dropout_key, i))
+    state = {"params": split(params)[0], "opt_state": opt_state}
     if i % cfg.logging.every_steps == 0 or i == s.num_steps:
       record = {"sft/step": i, "sft/loss": float(loss), "sft/grad_norm": float(grad_norm)}
       writer.write(0, record)
@@ -140,8 +160,8 @@ def train(cfg: config_lib.Config, tokenizer, graphdef, params, writer: metrics_l
     if stopping:
       logging.warning("stopped at SFT step %d after a signal%s", i,
                       "; checkpoint saved" if ckpt is not None else "")
-      return state["params"], False
-  return state["params"], True
+      return lora_lib.join(state["params"], frozen), False
+  return lora_lib.join(state["params"], frozen), True
 
 
 @exit_on_user_error
@@ -169,8 +189,12 @@ def run(config, workdir: str | None) -> str:
       return ""
     out_dir = f"{workdir}/hf"
     if jax.process_index() == 0:
-      models.save_pretrained(nnx.merge(graphdef, params), out_dir)
+      model = nnx.merge(graphdef, params)
+      models.save_pretrained(model, out_dir)  # with LoRA: merged
       data_lib.save_tokenizer(tokenizer, out_dir)
+      if model.config.lora is not None:
+        models.save_peft_adapter(model, f"{workdir}/adapter",
+                                 base_model_name_or_path=cfg.model.path or None)
       logging.info("wrote %s", out_dir)
     delete_checkpoints(cfg, workdir)  # the result is in hf/; a new run starts over
     return out_dir

@@ -19,6 +19,10 @@ B' = B without dynamic sampling (grpo.oversample = 1). Prompts stay prompts ([B,
 once for them in sampling, the log-prob passes and the update (completion_logps.py); S is
 `prompt_share` of the rows of the pass. The state is donated. Randomness:
 `fold_in(state.key, state.step)`.
+
+With LoRA (models/lora.py) the params hold the frozen base and the adapters; the update
+differentiates and the optimizer moves the adapters only, and pi_ref is the base with the
+adapters off (or, with iterative resets, with a copy of the adapters in ref_params).
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ from grpo_jax import loss as loss_lib
 from grpo_jax import mesh as mesh_lib
 from grpo_jax import sampler as sampler_lib
 from grpo_jax import scoring
+from grpo_jax import step_metrics as step_metrics_lib
+from grpo_jax.models import lora as lora_lib
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 [], completed GRPO steps
-  params: Any  # nnx.State of the policy
-  opt_state: Any
-  ref_params: Any  # nnx.State of pi_ref, or None when beta == 0
+  params: Any  # nnx.State of the policy (with LoRA: the frozen base and the adapters)
+  opt_state: Any  # of the trainable params: all, or the LoRA adapters
+  ref_params: Any  # of pi_ref (lora_lib.reference_part), or None
   key: jax.Array  # PRNG key; step keys are fold_in(key, step)
 
 
@@ -131,23 +137,40 @@ RewardFn = Callable[[Any, Any, Any], scoring.Rewards]  # the Scorer's contract
 
 
 def init_state(params, tx: optax.GradientTransformation, *, beta: float, seed: int,
-               param_shardings=None) -> TrainState:
-  """The train state around the policy params (`nnx.split(model)[1]`); pi_ref starts equal.
+               ref_reset_every: int = 0, param_shardings=None) -> TrainState:
+  """The train state around the policy params (`nnx.split(model)[1]`); pi_ref starts as the
+  policy (with LoRA: as the base, lora_lib.initial_reference).
 
   Under jit, `param_shardings` (mesh.param_shardings) lays the optimizer state out like the
   params it mirrors; without it the compiler would replicate AdamW's moments on every device.
   """
-  opt_state = tx.init(params)
+  opt_state = tx.init(lora_lib.split_trainable(params)[0])
   if param_shardings is not None:
-    opt_state = jax.lax.with_sharding_constraint(
-        opt_state, mesh_lib.opt_state_shardings(tx, opt_state, param_shardings))
+    opt_state = jax.lax.with_sharding_constraint(opt_state, mesh_lib.opt_state_shardings(
+        tx, opt_state, lora_lib.split_trainable(param_shardings)[0]))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=opt_state,
-      ref_params=jax.tree.map(jnp.copy, params) if beta > 0 else None,
+      ref_params=lora_lib.initial_reference(params, beta=beta, ref_reset_every=ref_reset_every),
       key=jax.random.PRNGKey(seed),  # raw uint32 key: checkpoints as a plain array
   )
+
+
+def checkpointed(state: TrainState, *, with_base: bool = False) -> TrainState:
+  """What a checkpoint holds of the state: all of it but a LoRA run's frozen base, which is
+  read again from model.path (with_base: all of it, the base included)."""
+  if with_base:
+    return state
+  return state.replace(params=lora_lib.split_trainable(state.params)[0])
+
+
+def restore_checkpointed(state: TrainState, saved: TrainState) -> TrainState:
+  """`saved` (a restored `checkpointed` state) completed with the frozen base of `state`
+  where it holds none."""
+  frozen = lora_lib.split_trainable(state.params)[1]
+  # Merged in this order, the checkpoint's arrays win (a base it holds included).
+  return saved.replace(params=nnx.merge_state(frozen, saved.params) if frozen else saved.params)
 
 
 # -- the phases, in the order the step runs them ------------------------------------------------
@@ -159,7 +182,8 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
 
   Each shard's rows are whole blocks of S rows, and a block's prompt is prefilled once. With
   a layout, sampling runs in the rollout layout of mesh.py (rows over the batch axes, the
-  weights gathered over them in the compute dtype).
+  weights gathered over them in the compute dtype). LoRA adapters are merged into the
+  weights once (lora_lib.for_rollout).
   """
   g = settings.grpo.num_generations
   share = logps_lib.prompt_share(g, batch.prompt_tokens.shape[0] * g, settings.row_shards)
@@ -170,8 +194,9 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
     prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, layout.rows)
     compute_dtype = nnx.merge(graphdef, params).config.compute_dtype
     params = mesh_lib.rollout_params(params, layout.params, compute_dtype)
-  out = sampler_lib.generate_from(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key,
-                                  settings.sampling, samples_per_prompt=share)
+  policy = lora_lib.for_rollout(nnx.merge(graphdef, params))
+  out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, settings.sampling,
+                                  samples_per_prompt=share)
   mask = out.mask.astype(jnp.int32)
   eos_ids = jnp.asarray(settings.sampling.eos_token_ids or (-1,), jnp.int32)
   finished = jnp.any(jnp.isin(out.tokens, eos_ids) & (mask > 0), axis=-1)
@@ -263,11 +288,12 @@ def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: Ste
   """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
   some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0. With a
   layout the forward keeps each device's rows (Transformer.hidden's activation_sharding)."""
-  logps = lambda params: jax.lax.stop_gradient(logps_lib.completion_logps(
+  logps = lambda graphdef, params: jax.lax.stop_gradient(logps_lib.completion_logps(
       graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
       rollout.mask, settings.sampling.logprob_temperature, _rows(layout)))
-  old = logps(state.params) if settings.grpo.needs_old_logps else None
-  ref = logps(state.ref_params) if settings.grpo.beta > 0 else None
+  old = logps(graphdef, state.params) if settings.grpo.needs_old_logps else None
+  ref = (logps(*lora_lib.reference(graphdef, state.params, state.ref_params))
+         if settings.grpo.beta > 0 else None)
   return old, ref
 
 
@@ -298,7 +324,7 @@ def _rows(layout: Layout | None):
 
 def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
                minibatch_rows: jax.Array, *, graphdef, settings: StepSettings,
-               layout: Layout | None = None):
+               layout: Layout | None = None, dropout_key: jax.Array | None = None):
   """grpo_loss of one micro-batch, normalised by its minibatch's token and kept-row counts, so
   that the A micro-batch losses sum to the minibatch's loss. Returns (loss, aux).
 
@@ -310,7 +336,7 @@ def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
   g = settings.grpo
   logps, entropy = logps_lib.completion_logps_and_entropy(
       graphdef, params, micro.prompt_tokens, micro.prompt_mask, micro.tokens, micro.mask,
-      settings.sampling.logprob_temperature, _rows(layout))
+      settings.sampling.logprob_temperature, _rows(layout), dropout_key)
   policy_mask = None
   if g.top_entropy_quantile < 1:
     policy_mask = loss_lib.high_entropy_mask(entropy, micro.loss_mask, g.top_entropy_quantile)
@@ -325,35 +351,44 @@ def micro_loss(params, micro: LossBatch, minibatch_tokens: jax.Array,
 
 
 def minibatch_update(graphdef, tx: optax.GradientTransformation, params, opt_state,
-                     minibatch: LossBatch, settings: StepSettings, layout: Layout | None = None):
-  """One optimizer update from a minibatch of A micro-batches [A, ...], whose gradients are
-  accumulated (summed: their losses share the minibatch's normalisers).
-  Returns (params, opt_state, {"loss", "grad_norm", and grpo_loss's aux averaged})."""
-  grad_fn = jax.value_and_grad(functools.partial(micro_loss, graphdef=graphdef, settings=settings,
-                                                 layout=layout), has_aux=True)
+                     minibatch: LossBatch, settings: StepSettings, layout: Layout | None = None,
+                     dropout_key: jax.Array | None = None):
+  """One optimizer update of the trainable params (all, or the LoRA adapters) from a minibatch
+  of A micro-batches [A, ...], whose gradients are accumulated (summed: their losses share the
+  minibatch's normalisers). Returns (params, opt_state, {"loss", "grad_norm", and grpo_loss's
+  aux averaged})."""
+  trainable, frozen = lora_lib.split_trainable(params)
+  loss = lambda trainable, *args, **kwargs: micro_loss(
+      lora_lib.join(trainable, frozen), *args, graphdef=graphdef, settings=settings,
+      layout=layout, **kwargs)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
   tokens = minibatch.loss_mask.sum().astype(jnp.float32)
   rows = minibatch.kept.sum()
   a = settings.grad_accum_steps
 
-  def accumulate(acc, micro):
-    (value, aux), grads = grad_fn(params, micro, tokens, rows)
+  def accumulate(acc, micro_and_index):
+    micro, i = micro_and_index
+    (value, aux), grads = grad_fn(trainable, micro, tokens, rows,
+                                  dropout_key=lora_lib.fold(dropout_key, i))
     acc_grads, acc_value, acc_aux = acc
     return (jax.tree.map(jnp.add, acc_grads, grads), acc_value + value,
             jax.tree.map(lambda x, y: x + y / a, acc_aux, aux)), None
 
   first = jax.tree.map(lambda x: x[0], minibatch)
-  aux_shapes = jax.eval_shape(lambda: grad_fn(params, first, tokens, rows)[0][1])
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+  aux_shapes = jax.eval_shape(lambda: grad_fn(trainable, first, tokens, rows)[0][1])
+  init = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
-  (grads, value, aux), _ = jax.lax.scan(accumulate, init, minibatch)
+  (grads, value, aux), _ = jax.lax.scan(accumulate, init,
+                                        (minibatch, jnp.arange(a, dtype=jnp.int32)))
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, dict(loss=value, grad_norm=grad_norm,
-                                                                **aux)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  params = lora_lib.join(optax.apply_updates(trainable, updates), frozen)
+  return params, opt_state, dict(loss=value, grad_norm=grad_norm, **aux)
 
 
 def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batches: LossBatch,
-           settings: StepSettings, layout: Layout | None = None):
+           settings: StepSettings, layout: Layout | None = None,
+           dropout_key: jax.Array | None = None):
   """mu iterations over the M minibatches of `batches` [M, A, ...], one optimizer update each.
   Returns (params, opt_state, metrics stacked over the mu x M updates)."""
   m = settings.grpo.minibatches_per_iteration
@@ -361,7 +396,7 @@ def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batche
   def one(carry, idx):
     minibatch = jax.tree.map(lambda x: x[idx % m], batches)
     params, opt_state, metrics = minibatch_update(graphdef, tx, *carry, minibatch, settings,
-                                                  layout)
+                                                  layout, lora_lib.fold(dropout_key, idx))
     return (params, opt_state), metrics
 
   indices = jnp.arange(settings.grpo.updates_per_step, dtype=jnp.int32)
@@ -370,79 +405,12 @@ def update(graphdef, tx: optax.GradientTransformation, params, opt_state, batche
 
 
 def reset_reference(ref_params, params, step: jax.Array, every: int):
-  """Iterative GRPO: pi_ref becomes the current policy after every `every`-th step."""
+  """Iterative GRPO: pi_ref becomes the current policy after every `every`-th step (with LoRA:
+  pi_ref's adapters become a copy of the policy's; the base is shared)."""
   if ref_params is None or every <= 0:
     return ref_params
-  return jax.lax.cond(step % every == 0, lambda: params, lambda: ref_params)
-
-
-def step_metrics(rollout: Rollout, rewards: scoring.Rewards, selection: Selection,
-                 advs: Advantages, update_metrics: dict[str, jax.Array], opt_state,
-                 learning_rate: jax.Array, reward_names: tuple[str, ...],
-                 ref_logps: jax.Array | None) -> dict[str, jax.Array]:
-  """The step's metrics (names as in DESIGN.md), update metrics averaged over the updates.
-
-  What was sampled and its rewards are measured over the B' sampled groups (rollout,
-  rewards); the advantages and the update over the B kept ones (selection, advs).
-  "train/nonfinite_ref_logps" counts the kept completion tokens whose reference log-prob is
-  NaN or infinite: a broken reference makes the loss, hence the update, non-finite.
-  """
-  lengths = rollout.mask.sum(-1)
-  kept_rows = selection.rollout.mask
-  kept_groups = kept_rows.shape[0] // (lengths.shape[0] // selection.with_signal.shape[0])
-  with_signal = selection.with_signal.sum()
-  nonfinite_ref = jnp.int32(0)
-  if ref_logps is not None:
-    nonfinite_ref = jnp.sum(~jnp.isfinite(ref_logps) & (kept_rows > 0), dtype=jnp.int32)
-  metrics = {
-      "train/loss": update_metrics["loss"].mean(),
-      "train/grad_norm": update_metrics["grad_norm"].mean(),
-      "train/learning_rate": learning_rate,
-      "train/nonfinite_updates": opt_state.total_notfinite,
-      "train/nonfinite_consecutive": opt_state.notfinite_count,
-      "train/nonfinite_ref_logps": nonfinite_ref,
-      "rl/reward_mean": rewards.total.mean(),
-      "rl/reward_std": rewards.total.std(ddof=1),
-      "rl/kl": update_metrics["kl"].mean(),
-      "rl/entropy": (update_metrics["entropy_sum"].sum()
-                     / jnp.maximum(update_metrics["entropy_tokens"].sum(), 1.0)),
-      "rl/clip_ratio": update_metrics["clip_ratio/region_mean"].mean(),
-      "rl/clip_ratio_low": update_metrics["clip_ratio/low_mean"].mean(),
-      "rl/clip_ratio_high": update_metrics["clip_ratio/high_mean"].mean(),
-      "rl/completion_length": lengths.mean(),
-      "rl/frac_truncated": 1.0 - rollout.finished.mean(),
-      "rl/frac_zero_std_groups": advs.zero_std.mean(),
-      "rl/advantage_abs_mean": _token_mean(jnp.abs(advs.advs), kept_rows),
-      "rl/groups_sampled": jnp.float32(selection.with_signal.shape[0]),
-      "rl/groups_with_signal": with_signal,
-      "rl/groups_short": jnp.maximum(kept_groups - with_signal, 0),
-      "rl/reward_failures": rewards.failures,
-      "perf/rollout_tokens": lengths.sum(),
-      "perf/reward_s": rewards.seconds,
-  }
-  for i, name in enumerate(reward_names):
-    metrics[f"rewards/{name}"] = jnp.nanmean(rewards.per_fn[i])
-  if rewards.step_rewards is not None:
-    metrics.update(step_reward_metrics(rewards))
-  return metrics
-
-
-def _token_mean(x: jax.Array, mask_rn: jax.Array) -> jax.Array:
-  """The mean of x [R] over rows, or of x [R, N] over the completion tokens mask_rn [R, N]."""
-  if x.ndim == 1:
-    return x.mean()
-  return jnp.sum(x * mask_rn) / jnp.maximum(jnp.sum(mask_rn), 1)
-
-
-def step_reward_metrics(rewards: scoring.Rewards) -> dict[str, jax.Array]:
-  """Process supervision's metrics: the mean step reward (NaN without any scored step), the
-  steps a completion (merged ones included) and the steps merged away, of the batch."""
-  has_step = rewards.step_ends >= 0
-  return {
-      "rl/step_reward_mean": jnp.nanmean(jnp.where(has_step, rewards.step_rewards, jnp.nan)),
-      "rl/steps_per_completion": jnp.mean(has_step.sum(-1) + rewards.steps_truncated),
-      "rl/steps_truncated": rewards.steps_truncated.sum(),
-  }
+  return jax.lax.cond(step % every == 0, lambda: lora_lib.split_trainable(params)[0],
+                      lambda: ref_params)
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -460,13 +428,14 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, lr_schedule,
   advs = advantage(selection.rewards, selection.rollout, settings.grpo)
   old_logps, ref_logps = reference_logps(graphdef, state, selection.rollout, settings, layout)
   batches = loss_batches(selection.rollout, advs, old_logps, ref_logps, settings)
+  dropout_key = jax.random.fold_in(jax.random.split(state.key)[1], state.step)  # LoRA dropout
   params, opt_state, update_metrics = update(graphdef, tx, state.params, state.opt_state,
-                                             batches, settings, layout)
+                                             batches, settings, layout, dropout_key)
   step = state.step + 1
   ref_params = reset_reference(state.ref_params, params, step, settings.grpo.ref_reset_every)
   learning_rate = lr_schedule(step * settings.grpo.updates_per_step)
-  metrics = step_metrics(rollout, rewards, selection, advs, update_metrics, opt_state,
-                         learning_rate, reward_names, ref_logps)
+  metrics = step_metrics_lib.step_metrics(rollout, rewards, selection, advs, update_metrics,
+                                          opt_state, learning_rate, reward_names, ref_logps)
   state = state.replace(step=step, params=params, opt_state=opt_state, ref_params=ref_params)
   return state, metrics
 

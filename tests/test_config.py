@@ -83,7 +83,7 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
-@pytest.mark.parametrize("variant", ["copy", "clean", "countdown", "process"])
+@pytest.mark.parametrize("variant", ["copy", "clean", "countdown", "process", "lora"])
 def test_demo_variants_leave_room_for_every_worked_solution(variant):
   """Each demo variant's budget of new tokens holds the longest SFT target and EOS (a
   correct answer cut short scores 0), and sft.max_len holds prompt and target."""
@@ -103,7 +103,8 @@ def test_demo_variants_leave_room_for_every_worked_solution(variant):
 def test_demo_config_names_its_variants_on_a_wrong_one():
   with pytest.raises(UserError, match=r"configs/demo.py:clear: no such variant; allowed: "
                      r"configs/demo.py or configs/demo.py:copy or configs/demo.py:clean or "
-                     r"configs/demo.py:countdown or configs/demo.py:process$"):
+                     r"configs/demo.py:countdown or configs/demo.py:process or "
+                     r"configs/demo.py:lora$"):
     _load("configs/demo.py:clear")
 
 

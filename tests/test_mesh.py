@@ -33,6 +33,8 @@ MESHES = ((2, 2, 2), (1, 8, 1))
 OVERRIDES = {"grpo.loss_type": "dapo", "grpo.scale_rewards": "batch", "grpo.beta": 0.04,
              "rewards": "tests.test_mesh:digit_share", "train.learning_rate": 1e-2,
              "train.num_steps": 3, "eval.num_prompts": 0}
+# LoRA adapters on every projection, pi_ref's own adapters reset after step 2.
+LORA = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "grpo.ref_reset_every": 2}
 
 
 def digit_share(prompts, completions, **unused):
@@ -53,20 +55,44 @@ def relative_error(params, reference) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def train_on_meshes(tmp_path_factory, **overrides):
   """{mesh shape: (trainer, train records)} after 3 steps on one device and on each mesh."""
   out = {}
   for shape in ((1, 1, 1),) + MESHES:
     workdir = str(tmp_path_factory.mktemp("mesh"))
-    trainer = main_lib.Trainer(sharded_config(shape), workdir)
+    trainer = main_lib.Trainer(sharded_config(shape, **overrides), workdir)
     trainer.run()
     out[shape] = trainer, train_records(workdir)
   return out
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return train_on_meshes(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+  return train_on_meshes(tmp_path_factory, **LORA)
+
+
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_steps_match_one_device(runs, shape):
+  assert_runs_match(runs, shape)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_lora_steps_match_one_device(lora_runs, shape):
+  assert_runs_match(lora_runs, shape)
+  trainer, _ = lora_runs[shape]
+  adapter = trainer.state.params["layers"][0]["attn"]["q_lora"]
+  # A [D, r] follows q's input axis (embed: fsdp), B [r, H, K] its heads; the rank is whole.
+  assert adapter["a"].get_value().sharding.spec == P("fsdp", None)
+  assert adapter["b"].get_value().sharding.spec == P(None, "tensor" if shape[2] > 1 else None, None)
+  assert trainer.state.ref_params is not None
+
+
+def assert_runs_match(runs, shape):
   ref_trainer, ref_records = runs[(1, 1, 1)]
   trainer, records = runs[shape]
   assert trainer.setup.mesh.devices.size == 8 and ref_trainer.setup.mesh.devices.size == 1

@@ -3,8 +3,8 @@ collectives, train like one process with the same 8 devices; when one is killed,
 other stops with one line, and the two resume.
 
 The first test starts this file twice as a worker (`python -m tests.test_multiprocess
-WORKDIR`, JAX_PROCESS_ID 0 and 1, 4 CPU devices each) and compares with an in-process run;
-the second starts the command line twice.
+WORKDIR full|lora`, JAX_PROCESS_ID 0 and 1, 4 CPU devices each) and compares with an
+in-process run; the second starts the command line twice.
 """
 
 import json
@@ -24,7 +24,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import liveness
 from grpo_jax import main as main_lib
 from grpo_jax.errors import UserError
-from tests.test_mesh import OVERRIDES, relative_error
+from tests.test_mesh import LORA, OVERRIDES, relative_error
 from tests.test_reliability import cli_args, cli_overrides, resumed_steps, wait_for_step
 from tests.test_train import tiny_config, train_records
 
@@ -36,11 +36,14 @@ STEPS = OVERRIDES["train.num_steps"]
 TWO_PROCESS_RUN = {**OVERRIDES, "mesh.shape": (2, 2, 2), "grpo.beta": 0.0}
 
 
-def train(workdir: str):
+def train(workdir: str, kind: str = "full"):
   """STEPS steps on a (2, 2, 2) mesh over every process's devices, metrics written by process
   0 and a (multi-host) checkpoint at the end. Returns the records and the gathered params.
+
+  kind "full" trains every weight, "lora" LoRA adapters.
   """
-  cfg = config_lib.freeze(tiny_config(**TWO_PROCESS_RUN))
+  lora = LORA if kind == "lora" else {}
+  cfg = config_lib.freeze(tiny_config(**{**TWO_PROCESS_RUN, **lora}))
   trainer = main_lib.Trainer(cfg, workdir)
   records = []
   for step in range(1, STEPS + 1):
@@ -74,12 +77,13 @@ def start_pair(command, logs):
   return pair
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_processes_train_like_one(tmp_path, kind):
   workdir = tmp_path / "two"
-  workers = start_pair([sys.executable, "-m", "tests.test_multiprocess", str(workdir)],
+  workers = start_pair([sys.executable, "-m", "tests.test_multiprocess", str(workdir), kind],
                        [tmp_path / f"worker{i}.log" for i in range(2)])
   try:
-    records, params = train(str(tmp_path / "one"))  # meanwhile, one process
+    records, params = train(str(tmp_path / "one"), kind)  # meanwhile, one process
     codes = [w.wait(timeout=400) for w in workers]
   finally:
     for w in workers:
@@ -160,11 +164,11 @@ def test_checkpoints_are_read_into_host_memory():
   assert builder.host_device().platform == "cpu"
 
 
-def worker(workdir: str) -> None:
+def worker(workdir: str, kind: str) -> None:
   distributed.init_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(),
                                                                jax.device_count())
-  records, params = train(workdir)
+  records, params = train(workdir, kind)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "records.json"), "w") as f:
       json.dump(records, f)
@@ -172,4 +176,4 @@ def worker(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  worker(sys.argv[1])
+  worker(sys.argv[1], sys.argv[2])

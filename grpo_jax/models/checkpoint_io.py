@@ -1,6 +1,8 @@
 """Reading and writing Hugging Face checkpoints: config.json + safetensors, never pickles.
 
-Written as the family's *ForCausalLM. A "gemma3" image-text checkpoint is read through its
+Written as the family's *ForCausalLM; a model with LoRA adapters is written merged (lora.merged).
+With a quantized LoRA base, each projection is quantized as it is read, so the float weights
+are never all in memory at once. A "gemma3" image-text checkpoint is read through its
 text model (tensors under model.language_model. or, as published, language_model.model.);
 the vision tower is not read, and the model is written back as a text-only Gemma3ForCausalLM.
 """
@@ -20,7 +22,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grpo_jax.errors import UserError
-from grpo_jax.models.config import ModelConfig
+from grpo_jax.models import lora as lora_lib
+from grpo_jax.models import quantize
+from grpo_jax.models.config import LoRASpec, ModelConfig
 from grpo_jax.models.transformer import Transformer
 
 _TOP_NAMES = {
@@ -61,7 +65,7 @@ _INDEX_FILE = "model.safetensors.index.json"
 _MAX_LISTED = 5
 
 
-def _hf_name(path: tuple[Any, ...], config: ModelConfig) -> str:
+def hf_name(path: tuple[Any, ...], config: ModelConfig) -> str:
   """HF tensor name (as *ForCausalLM names it) of the parameter at an NNX state path."""
   if path[0] == "layers":
     names = _GEMMA_LAYER_NAMES if config.is_gemma else _LAYER_NAMES
@@ -135,37 +139,67 @@ def _read_hf_config(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _params(model: Transformer) -> Iterator[tuple[str, nnx.Param]]:
-  """(HF tensor name, parameter) for every parameter of the model."""
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    yield _hf_name(path, model.config), var
+  """(HF tensor name, parameter) for every float parameter of the model but the adapters."""
+  base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  for path, var in nnx.to_flat_state(base):
+    yield hf_name(path, model.config), var
 
 
-def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *, param_dtype: str | None = None,
-                    remat: bool = False, attention: str = "xla") -> Transformer:
+def _weights(model: Transformer) -> Iterator[tuple[str, nnx.Param | quantize.QuantizedWeight]]:
+  """(HF tensor name, parameter or quantized weight) for every base weight of the model."""
+  yield from _params(model)
+  for path, module, name in lora_lib.adapted(model):
+    weight = getattr(module, name)
+    if isinstance(weight, quantize.QuantizedWeight):
+      yield hf_name(path + (name,), model.config), weight
+
+
+def fresh_adapters(config: ModelConfig, seed: int) -> nnx.State:
+  """The adapters a new model of config starts with (random A, zero B); the base weights
+  that init draws too are never computed (jit drops what it does not return)."""
+  return jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.LoRAParam))()
+
+
+def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *,
+                    param_dtype: str | None = None, remat: bool = False, attention: str = "xla",
+                    lora: LoRASpec | None = None, seed: int = 0) -> Transformer:
   """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
-  dtype, attention by the implementation `attention` (models/attention.py)."""
+  dtype, attention by the implementation `attention` (models/attention.py).
+
+  lora: adds fresh adapters (drawn with `seed`) over the checkpoint's weights, which then are
+  stored as lora.base_dtype says.
+  """
   path = pathlib.Path(path)
   config = ModelConfig.from_hf(_read_hf_config(path), dtype=dtype, param_dtype=param_dtype,
-                               remat=remat, attention=attention)
+                               remat=remat, attention=attention, lora=lora)
   files = _by_causal_lm_name(_tensor_files(path))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  params = list(_params(model))
-  missing = [name for name, _ in params if name not in files]
+  weights = list(_weights(model))
+  missing = [name for name, _ in weights if name not in files]
   if missing:
     listed = ", ".join(missing[:_MAX_LISTED]) + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else "")
     raise UserError(f"checkpoint {path} lacks {len(missing)} tensors that config.json needs: {listed}")
-  target = jnp.dtype(config.param_dtype)
-  for file in sorted({files[name][1] for name, _ in params}):
+  target = config.base_param_dtype
+  for file in sorted({files[name][1] for name, _ in weights}):
     with safe_open(file, framework="numpy") as f:
-      for name, var in params:
+      for name, weight in weights:
         stored, in_file = files[name]
-        if in_file == file:
-          var.set_value(jnp.asarray(_to_ours(f.get_tensor(stored), name, var.shape, target)))
+        if in_file != file:
+          continue
+        if isinstance(weight, quantize.QuantizedWeight):
+          weight.set(_to_ours(f.get_tensor(stored), name, weight.shape, np.float32))
+        else:
+          weight.set_value(jnp.asarray(_to_ours(f.get_tensor(stored), name, weight.shape, target)))
+  if lora is not None:
+    nnx.update(model, fresh_adapters(config, seed))
   return model
 
 
 def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 4 << 30) -> None:
-  """Writes config.json and safetensors (sharded with an index above max_shard_bytes) for transformers."""
+  """Writes config.json and safetensors (sharded with an index above max_shard_bytes) for
+  transformers; a LoRA model merged, in the dtype of its base (its compute dtype if quantized)."""
+  if model.config.lora is not None:
+    model = lora_lib.merged(model, model.config.base_param_dtype)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2, sort_keys=True) + "\n")

@@ -21,6 +21,47 @@ ROPE_SCALING_KEYS = {
     "linear": ("factor",),
 }
 DEFAULT_ROPE_THETA = 10000.0
+# LoRA targets by their PEFT names (target_modules), and the base storage LoRA allows.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED = ("int8", "nf4")
+BASE_DTYPES = DTYPES + QUANTIZED
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+  """Low-rank adapters on some projections: W x + (alpha / rank) B A x, as PEFT's LoRA.
+
+  The base weights are frozen and stored in base_dtype: a float dtype, or "int8" / "nf4"
+  for the targeted projections (QLoRA; see quantize.py), the other base weights then in the
+  compute dtype. dropout applies to the adapters' input in the training forward only.
+  """
+
+  rank: int  # r
+  alpha: float
+  targets: tuple[str, ...] = LORA_TARGETS  # PEFT names
+  dropout: float = 0.0
+  base_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise UserError(f"LoRA rank {self.rank} must be at least 1")
+    if not self.targets or set(self.targets) - set(LORA_TARGETS):
+      raise UserError(f"LoRA targets {', '.join(self.targets) or '(none)'} are not allowed; "
+                      f"choose among {', '.join(LORA_TARGETS)}")
+    if not 0 <= self.dropout < 1:
+      raise UserError(f"LoRA dropout {self.dropout} must be in [0, 1)")
+    if self.base_dtype not in BASE_DTYPES:
+      raise UserError(f"LoRA base dtype {self.base_dtype!r} is not allowed; allowed: "
+                      f"{', '.join(BASE_DTYPES)}")
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank, the factor on B A x."""
+    return self.alpha / self.rank
+
+  @property
+  def quantized(self) -> bool:
+    return self.base_dtype in QUANTIZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +108,10 @@ class ModelConfig:
   final_logit_softcap: float | None = None  # output logits l -> cap * tanh(l / cap)
   rope_local_theta: float | None = None  # rope base of the sliding layers, unscaled (Gemma 3)
   dtype: str = "float32"
-  param_dtype: str = "float32"
+  param_dtype: str = "float32"  # of the trained parameters: all of them, or the LoRA adapters
   remat: bool = False
   attention: str = "xla"  # the implementation (attention.py): xla | blockwise | splash | cudnn
+  lora: LoRASpec | None = None  # None: every weight is trained
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -127,6 +169,18 @@ class ModelConfig:
     return jnp.dtype(self.dtype)
 
   @property
+  def base_param_dtype(self) -> jnp.dtype:
+    """The dtype of the parameters that are not LoRA adapters: param_dtype without LoRA; with
+    LoRA the float base_dtype, or the compute dtype beside a quantized base."""
+    if self.lora is None:
+      return jnp.dtype(self.param_dtype)
+    return jnp.dtype(self.dtype if self.lora.quantized else self.lora.base_dtype)
+
+  def lora_target(self, name: str) -> bool:
+    """Whether the projection of PEFT name `name` ("q_proj", ...) carries an adapter."""
+    return self.lora is not None and name in self.lora.targets
+
+  @property
   def out_bias(self) -> bool:
     """Whether o_proj has a bias (attention_bias, except qwen2)."""
     return self.attention_bias and self.family != "qwen2"
@@ -147,11 +201,12 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
-              remat: bool = False, attention: str = "xla") -> ModelConfig:
+              remat: bool = False, attention: str = "xla",
+              lora: LoRASpec | None = None) -> ModelConfig:
     """Reads a HF config.json dict (hf_config.py says which layouts and fields)."""
     from grpo_jax.models import hf_config  # pylint: disable=g-import-not-at-top
     return cls(**hf_config.read(hf), dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-               attention=attention)
+               attention=attention, lora=lora)
 
   def to_hf(self) -> dict[str, Any]:
     """The config.json dict in the layout transformers 5 writes (rope_parameters, layer_types)."""

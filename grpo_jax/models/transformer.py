@@ -1,10 +1,11 @@
 """Decoder-only transformer (Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3) in Flax NNX.
 
 Every parameter carries logical axis names in its `out_sharding` metadata ("vocab",
-"embed", "heads", "kv_heads", "head_dim", "mlp", "norm"); mapping them to a mesh is a
-rule table elsewhere. Weights are stored input-axis first: q [D, H, K], o [H, K, D],
+"embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "lora_rank"); mapping them to a mesh
+is a rule table elsewhere. Weights are stored input-axis first: q [D, H, K], o [H, K, D],
 gate/up [D, F], down [F, D], embed [V, D], lm_head [D, V]. R = H // Hkv is the number of
-query heads that share one key/value head.
+query heads that share one key/value head. With config.lora, the targeted projections carry
+LoRA adapters (lora.py) and the projection weights may be stored quantized (quantize.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from flax import nnx
 
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax.models import attention as attention_lib
+from grpo_jax.models import lora as lora_lib
+from grpo_jax.models import quantize
 from grpo_jax.models.config import FULL, SLIDING, ModelConfig
 from grpo_jax.models.kv_cache import KVCache
 from grpo_jax.models.rope import apply_rope, rope_angles
@@ -35,6 +38,26 @@ def _param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tupl
 _normal = nnx.initializers.normal(_INIT_STD)
 _ones = nnx.initializers.ones
 _zeros = nnx.initializers.zeros
+Weight = nnx.Param | quantize.QuantizedWeight
+
+
+def _weight(config: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...],
+            num_in: int) -> Weight:
+  """A projection weight [*in, *out] (num_in input axes): a float parameter, or quantized
+  codes when config.lora has a quantized base."""
+  if config.lora is None or not config.lora.quantized:
+    return _param(rngs, _normal, shape, axes, config.base_param_dtype)
+  return quantize.QuantizedWeight(_normal(rngs.params(), shape, jnp.float32),
+                                  config.lora.base_dtype, num_in, axes)
+
+
+def _adapter(config: ModelConfig, rngs: nnx.Rngs, target: str, shape: tuple[int, ...],
+             axes: tuple[str, ...], num_in: int) -> lora_lib.LoRA | None:
+  """The LoRA adapter of the projection `target` (its PEFT name), or None when not targeted."""
+  if not config.lora_target(target):
+    return None
+  return lora_lib.LoRA(shape[:num_in], shape[num_in:], axes, config.lora,
+                       jnp.dtype(config.param_dtype), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -57,7 +80,7 @@ class RMSNorm(nnx.Module):
 
 def _norm(config: ModelConfig, dim: int, *, rngs: nnx.Rngs) -> RMSNorm:
   """An RMSNorm of the config's eps, parameter dtype and (Gemma) weight offset."""
-  return RMSNorm(dim, config.rms_norm_eps, jnp.dtype(config.param_dtype), offset=config.is_gemma,
+  return RMSNorm(dim, config.rms_norm_eps, config.base_param_dtype, offset=config.is_gemma,
                  rngs=rngs)
 
 
@@ -66,11 +89,16 @@ class Attention(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, h, hkv, k = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    pd = jnp.dtype(config.param_dtype)
-    self.q = _param(rngs, _normal, (d, h, k), ("embed", "heads", "head_dim"), pd)
-    self.k = _param(rngs, _normal, (d, hkv, k), ("embed", "kv_heads", "head_dim"), pd)
-    self.v = _param(rngs, _normal, (d, hkv, k), ("embed", "kv_heads", "head_dim"), pd)
-    self.o = _param(rngs, _normal, (h, k, d), ("heads", "head_dim", "embed"), pd)
+    pd = config.base_param_dtype
+    shapes = {"q": ((d, h, k), ("embed", "heads", "head_dim"), 1),
+              "k": ((d, hkv, k), ("embed", "kv_heads", "head_dim"), 1),
+              "v": ((d, hkv, k), ("embed", "kv_heads", "head_dim"), 1),
+              "o": ((h, k, d), ("heads", "head_dim", "embed"), 2)}
+    for name, (shape, axes, num_in) in shapes.items():
+      setattr(self, name, _weight(config, rngs, shape, axes, num_in))
+    for name, (shape, axes, num_in) in shapes.items():
+      setattr(self, name + lora_lib.SUFFIX,
+              _adapter(config, rngs, name + "_proj", shape, axes, num_in))
     if config.attention_bias:
       self.q_bias = _param(rngs, _zeros, (h, k), ("heads", "head_dim"), pd)
       self.k_bias = _param(rngs, _zeros, (hkv, k), ("kv_heads", "head_dim"), pd)
@@ -87,21 +115,27 @@ class Attention(nnx.Module):
     self.soft_cap = config.attn_logit_softcap
     self.impl = config.attention
 
-  def _project(self, x_btd: jax.Array, w: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-    """x W (+ b): [B, T, D] -> [B, T, heads, K]."""
+  def _project(self, x_btd: jax.Array, w: Weight, bias: nnx.Param | None,
+               adapter: lora_lib.LoRA | None, dropout_key: jax.Array | None) -> jax.Array:
+    """x W (+ b) (+ the adapter's x A B): [B, T, D] -> [B, T, heads, K]."""
     cd = x_btd.dtype
-    y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(cd))
-    return y if bias is None else y + bias[...].astype(cd)
+    y = jnp.einsum("btd,dhk->bthk", x_btd, quantize.weight(w, cd))
+    if bias is not None:
+      y = y + bias[...].astype(cd)
+    return y if adapter is None else y + adapter(x_btd, dropout_key)
 
   def __call__(self, x_btd: jax.Array, cos: jax.Array, sin: jax.Array, key_valid_bs: jax.Array,
                cache: KVCache | None, layer: int, cache_index: jax.Array | int,
-               window: int | None) -> tuple[jax.Array, KVCache | None]:
+               window: int | None, dropout_key: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
     """Attention of x's T tokens at slots cache_index.. over the key_valid_bs [B, S] slots
     (window: a sliding layer's W). A traced cache_index is a decode step: its attention
-    reads only the cache's filled blocks (attention.decode_attend)."""
-    q = self._project(x_btd, self.q, self.q_bias)
-    k = self._project(x_btd, self.k, self.k_bias)
-    v = self._project(x_btd, self.v, self.v_bias)
+    reads only the cache's filled blocks (attention.decode_attend). dropout_key: LoRA
+    dropout (the training forward); None: none."""
+    key = lambda i: lora_lib.fold(dropout_key, i)
+    q = self._project(x_btd, self.q, self.q_bias, self.q_lora, key(0))
+    k = self._project(x_btd, self.k, self.k_bias, self.k_lora, key(1))
+    v = self._project(x_btd, self.v, self.v_bias, self.v_lora, key(2))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -120,9 +154,11 @@ class Attention(nnx.Module):
       out = attention_lib.decode_attend(q, k, v, **options)
     else:
       out = attention_lib.attend(q, k, v, impl=self.impl, **options)
-    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(out.dtype))
+    y = jnp.einsum("bthk,hkd->btd", out, quantize.weight(self.o, out.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
+    if self.o_lora is not None:
+      y = y + self.o_lora(out, key(3))
     return y, cache
 
 
@@ -130,21 +166,30 @@ class MLP(nnx.Module):
   """down(act(x gate) * (x up)): SwiGLU (silu), or GeGLU (tanh gelu) for Gemma."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    d, f, pd = config.hidden_size, config.intermediate_size, jnp.dtype(config.param_dtype)
-    self.gate = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
-    self.up = _param(rngs, _normal, (d, f), ("embed", "mlp"), pd)
-    self.down = _param(rngs, _normal, (f, d), ("mlp", "embed"), pd)
+    d, f = config.hidden_size, config.intermediate_size
+    shapes = {"gate": ((d, f), ("embed", "mlp")), "up": ((d, f), ("embed", "mlp")),
+              "down": ((f, d), ("mlp", "embed"))}
+    for name, (shape, axes) in shapes.items():
+      setattr(self, name, _weight(config, rngs, shape, axes, 1))
+    for name, (shape, axes) in shapes.items():
+      setattr(self, name + lora_lib.SUFFIX, _adapter(config, rngs, name + "_proj", shape, axes, 1))
     self.gelu = config.is_gemma
 
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
+  def _project(self, x_flat: jax.Array, name: str, dropout_key: jax.Array | None) -> jax.Array:
+    """x W (+ the adapter's x A B) of the weight `name`: [B*T, in] -> [B*T, out]."""
+    y = x_flat @ quantize.weight(getattr(self, name), x_flat.dtype)
+    adapter = getattr(self, name + lora_lib.SUFFIX)
+    return y if adapter is None else y + adapter(x_flat, dropout_key)
+
+  def __call__(self, x_btd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     # On [B*T, D] rather than [B, T, D]: the same matmuls, but XLA CPU then computes the
     # weight gradients without transposing the [B, T, F] activations (1.6x faster backward).
-    cd = x_btd.dtype
+    key = lambda i: lora_lib.fold(dropout_key, i)
     x_flat = x_btd.reshape(-1, x_btd.shape[-1])  # [B*T, D]
-    gate = x_flat @ self.gate[...].astype(cd)
+    gate = self._project(x_flat, "gate", key(0))
     act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-    h_flat = act * (x_flat @ self.up[...].astype(cd))
-    return (h_flat @ self.down[...].astype(cd)).reshape(x_btd.shape)
+    h_flat = act * self._project(x_flat, "up", key(1))
+    return self._project(h_flat, "down", key(2)).reshape(x_btd.shape)
 
 
 class Block(nnx.Module):
@@ -160,21 +205,22 @@ class Block(nnx.Module):
     self.post_attn_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
     self.post_mlp_norm = _norm(config, d, rngs=rngs) if config.is_gemma else None
 
-  def __call__(self, x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window):
+  def __call__(self, x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window,
+               dropout_key=None):
     y, cache = self.attn(self.attn_norm(x_btd), cos, sin, key_valid_bs, cache, layer, cache_index,
-                         window)
+                         window, lora_lib.fold(dropout_key, 0))
     if self.post_attn_norm is not None:
       y = self.post_attn_norm(y)
     x_btd = x_btd + y
-    y = self.mlp(self.mlp_norm(x_btd))
+    y = self.mlp(self.mlp_norm(x_btd), lora_lib.fold(dropout_key, 1))
     if self.post_mlp_norm is not None:
       y = self.post_mlp_norm(y)
     return x_btd + y, cache
 
 
 def _run_block(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
-               cache_index: jax.Array | int, window: int | None):
-  return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window)
+               cache_index: jax.Array | int, window: int | None, dropout_key=None):
+  return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window, dropout_key)
 
 
 # Layer, cache index (an int wherever there is a backward pass) and window stay static, so
@@ -192,7 +238,7 @@ class Transformer(nnx.Module):
   unembedding (then Gemma's final soft cap, if any)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    pd = jnp.dtype(config.param_dtype)
+    pd = config.base_param_dtype
     self.config = config
     self.embed = _param(rngs, _normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
@@ -209,7 +255,8 @@ class Transformer(nnx.Module):
   def hidden(self, tokens: jax.Array, *, positions: jax.Array, attention_mask: jax.Array,
              cache: KVCache | None = None, cache_index: jax.Array | int = 0,
              remat: bool | None = None,
-             activation_sharding=None) -> tuple[jax.Array, KVCache | None]:
+             activation_sharding=None,
+             dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
     Token t of these T occupies slot cache_index + t and attends to the valid slots at or
@@ -223,6 +270,7 @@ class Transformer(nnx.Module):
     kept after the embedding and every block. Without it, under FSDP the activations follow
     the embedding table's layout (model width over fsdp), and every device computes every
     row's MLP as partial sums ([B * T, F] per device instead of [B * T / devices, F]).
+    dropout_key: LoRA dropout (the training forward); None: none.
     """
     constrain = (lambda y: y) if activation_sharding is None else (
         lambda y: jax.lax.with_sharding_constraint(y, activation_sharding))
@@ -246,7 +294,8 @@ class Transformer(nnx.Module):
     run = _run_block_remat if remat else _run_block
     for layer, block in enumerate(self.layers):
       kind = config.layer_type(layer)
-      x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind])
+      x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind],
+                     lora_lib.fold(dropout_key, layer))
       x = constrain(x)
     return self.final_norm(x), cache
 
