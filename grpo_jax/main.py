@@ -61,13 +61,15 @@ class Trainer:
     """The next batch of the training stream."""
     return self.parts.batch(self.stream.next())
 
-  def evaluate(self, step: int) -> dict[str, float]:
-    """pass@1 and maj@k on the first eval.num_prompts held-out rows (key fixed per step)."""
+  def evaluate(self) -> dict[str, float]:
+    """pass@1 and maj@k on the first eval.num_prompts held-out rows."""
     if not self.cfg.eval.num_prompts or not self.parts.eval_rows:
       return {}
     rows = self.parts.eval_rows[:self.cfg.eval.num_prompts]
     k = self.cfg.eval.k
-    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), step)
+    # One key for every evaluation: the model alone moves pass@1 between evaluations, and
+    # a model saved at the end evaluates, reloaded in a new run, to the same figures.
+    key = jax.random.key(self.cfg.train.seed + 1)
     texts, lengths = evaluate_lib.sample_completions(
         self.sample_fn, self.state.params, self.parts.tokenizer, rows, k, key, self.cfg.data)
     return evaluate_lib.score_pass_and_majority(self.parts.eval_scorer, rows, texts, lengths, k,
@@ -134,7 +136,7 @@ class Trainer:
         self.writer.close()
         return {}
       start = 0
-      first_eval = self.evaluate(0)
+      first_eval = self.evaluate()
       self.writer.write(0, first_eval)
       self._print_eval("before GRPO", first_eval)
       self.save(0, force=True)
@@ -162,12 +164,12 @@ class Trainer:
         logging.warning("step %d: non-finite metrics %s", step, ", ".join(nonfinite))
       at_end = step == cfg.train.num_steps
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not at_end:
-        record.update(self.evaluate(step))
+        record.update(self.evaluate())
       self.writer.write(step, record)
       progress.update(step, record)
       self._stop_on_nonfinite(step, record)
       if at_end:
-        final_eval = self.evaluate(step)
+        final_eval = self.evaluate()
         self.writer.write(step, final_eval)
       # A skipped (non-finite) update is not checkpointed on schedule, so the newest
       # checkpoint is always the last good step.
@@ -178,7 +180,7 @@ class Trainer:
       if stop.requested and not at_end:
         return self._stopped(step)
     if step == start:  # resumed at the end: nothing left to train
-      final_eval = self.evaluate(step)
+      final_eval = self.evaluate()
     self.ckpt.wait()
     self._finish(first_eval, final_eval)
     return final_eval

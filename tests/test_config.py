@@ -83,16 +83,37 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
+@pytest.mark.parametrize("variant", ["copy", "clean", "countdown", "process", "lora"])
+def test_demo_variants_leave_room_for_every_worked_solution(variant):
+  """Each demo variant's budget of new tokens holds the longest SFT target and EOS (a
+  correct answer cut short scores 0), and sft.max_len holds prompt and target."""
+  from grpo_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = config.freeze(_load(f"configs/demo.py:{variant}"), num_devices=1)
+  tokenizer = data_lib.demo_tokenizer()
+  rows = data_lib.load_rows(c.data.source, split="train", num_rows=2000)
+  prompts = [data_lib.format_prompt(tokenizer, r["prompt"]) for r in rows]
+  targets = [data_lib.sft_target({**r, "sft_answer": r["answer"]}) for r in rows]
+  target_len = max(len(t) + 1 for t in tokenizer(targets, add_special_tokens=False)["input_ids"])
+  prompt_len = max(len(p) for p in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+  assert target_len <= c.sampler.max_new_tokens
+  assert prompt_len <= c.data.max_prompt_len
+  assert prompt_len + target_len <= c.sft.max_len
+
+
+def test_demo_config_names_its_variants_on_a_wrong_one():
+  with pytest.raises(UserError, match=r"configs/demo.py:clear: no such variant; allowed: "
+                     r"configs/demo.py or configs/demo.py:copy or configs/demo.py:clean or "
+                     r"configs/demo.py:countdown or configs/demo.py:process or "
+                     r"configs/demo.py:lora$"):
+    _load("configs/demo.py:clear")
+
+
 def test_demo_process_variant_is_the_demo_with_step_rewards():
   outcome, process = _flat(_load("configs/demo.py").to_dict()), _flat(
       _load("configs/demo.py:process").to_dict())
   changed = {k: v for k, v in process.items() if outcome[k] != v}
   assert changed == {"grpo.supervision": "process", "step_rewards": "arithmetic_steps"}
   assert config.freeze(_load("configs/demo.py:process"), num_devices=1).grpo.step_slots == 16
-  demo = pytest.importorskip("configs.demo")
-  with pytest.raises(UserError, match=r"configs/demo.py:steps: no such variant; allowed: "
-                     r"configs/demo.py or configs/demo.py:process or configs/demo.py:lora$"):
-    demo.get_config("steps")
 
 
 def test_hf_config_parses_arguments():
