@@ -245,6 +245,20 @@ def test_grpo_steps_change_only_the_adapters_and_checkpoint_only_them(tmp_path):
   assert (tmp_path / "adapter" / peft_io.WEIGHTS_FILE).is_file()
 
 
+def test_a_lora_run_with_remat_has_the_metrics_of_one_without(tmp_path):
+  """Rematerialised blocks over a frozen base (the accelerator configs' setting): the step
+  compiles (nnx.remat failed on the base closed over by the adapters' gradient) and computes
+  what it computes without remat."""
+  records = []
+  for remat in (False, True):
+    cfg = lora_config(**{"train.num_steps": 2, "model.remat": remat, "model.lora.dropout": 0.1})
+    main_lib.run(cfg, str(tmp_path / str(remat)))
+    records.append(train_records(str(tmp_path / str(remat))))
+  for got, want in zip(records[1], records[0], strict=True):
+    keys = [k for k in want if not k.startswith("perf/")]
+    assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys], rel=1e-5, abs=1e-7)
+
+
 def test_a_killed_lora_run_resumes_to_the_uninterrupted_metrics(tmp_path):
   cfg = lambda: lora_config(**{"train.num_steps": 6, "train.lr_schedule": "constant",
                                "checkpoint.every_steps": 1, "model.lora.dropout": 0.1,

@@ -223,9 +223,20 @@ def _run_block(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
   return block(x_btd, cos, sin, key_valid_bs, cache, layer, cache_index, window, dropout_key)
 
 
-# Layer, cache index (an int wherever there is a backward pass) and window stay static, so
-# that the attention kernels see a static query offset.
-_run_block_remat = nnx.remat(_run_block, static_argnums=(6, 7, 8))
+def _run_block_remat(block: Block, x_btd, cos, sin, key_valid_bs, cache, layer: int,
+                     cache_index: jax.Array | int, window: int | None, dropout_key=None):
+  """_run_block, rematerialised in the backward pass. The block runs as a pure function of
+  its state (jax.checkpoint over nnx.split / merge): nnx.remat writes the block's variables
+  back, which fails when some of them come from an outer trace (a LoRA run's frozen base,
+  closed over by the gradient of the adapters). Layer, cache index (an int wherever there is
+  a backward pass) and window stay static, so the attention kernels see a static offset."""
+  graphdef, state = nnx.split(block)
+
+  def run(state, x_btd, cos, sin, key_valid_bs, cache, dropout_key):
+    return _run_block(nnx.merge(graphdef, state), x_btd, cos, sin, key_valid_bs, cache, layer,
+                      cache_index, window, dropout_key)
+
+  return jax.checkpoint(run)(state, x_btd, cos, sin, key_valid_bs, cache, dropout_key)
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
