@@ -21,10 +21,12 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
 import socket
 import sys
+import traceback
 from typing import Any
 
 import jax
@@ -152,6 +154,7 @@ class Checkpointer:
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     problem, state, meta, saved = "", None, {}, None
+    _drop_leftover_reports()  # before the read: TensorStore may report as soon as it fails
     try:
       self._check_layout(step, abstract_state)
       restored = self._manager.restore(
@@ -167,7 +170,6 @@ class Checkpointer:
       if "out of memory" in str(e).lower():
         raise
       problem = _one_line(e)
-      _drop_leftover_reports()
     if not _everywhere(not problem):
       raise Unreadable(problem or "another process could not read its part")
     wrong = fingerprint.mismatches(saved, state) if saved else []
@@ -310,7 +312,10 @@ def _drop_leftover_reports() -> None:
   installed, for the rest of the process): the read's abandoned coroutines, whose finalisers
   print their exception and "Event loop is closed" tracebacks by the dozen when they are
   collected, and TensorStore completing one of them later from its own thread, which reports
-  the closed loop through sys.excepthook. They say nothing the error line does not."""
+  the closed loop through sys.excepthook, and asyncio logging the read's tasks whose exception
+  nobody retrieved. They say nothing the error line does not. Installed
+  before every read, not after a failed one: TensorStore's threads can report between the
+  read failing and the caller catching the error (a CI run printed two such tracebacks)."""
   if getattr(sys.excepthook, "drops_leftovers", False):
     return
   unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
@@ -325,6 +330,19 @@ def _drop_leftover_reports() -> None:
 
   excepthook.drops_leftovers = True
   sys.unraisablehook, sys.excepthook = unraisablehook, excepthook
+  std_logging.getLogger("asyncio").addFilter(_not_an_orbax_task)
+
+
+def _not_an_orbax_task(record: std_logging.LogRecord) -> bool:
+  """False for asyncio's "... exception was never retrieved" about a task or gathering future
+  of an abandoned Orbax read (logged when it is collected, often after the run's error line)."""
+  if "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
+    return True
+  orbax = f"{os.sep}orbax{os.sep}"
+  if orbax in record.getMessage():
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  return not (error is not None and orbax in "".join(traceback.format_exception(error)))
 
 
 def _from_orbax(obj: Any) -> bool:
