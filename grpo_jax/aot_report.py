@@ -85,13 +85,18 @@ def compiled_program(name: str, compiled: Any, compile_s: float,
 
 
 # libtpu 0.0.42.1: "... required for HLO temporaries (27.00G) exceeds available HBM (15.75G)."
-_OOM = re.compile(r"required for [^(]*\(([\d.]+)([BKMGT])\) exceeds available HBM")
+# The two ways libtpu refuses a program for want of HBM (both seen with libtpu 0.0.42.1).
+_OOM = re.compile(r"required for [^(]*\(([\d.]+)([BKMGT])\) exceeds available HBM"
+                  r"|Used ([\d.]+)([BKMGT]) of [\d.]+[BKMGT] hbm")
 
 
 def needed_bytes_from_error(message: str) -> int | None:
   """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (None: not one)."""
   found = _OOM.search(message) if "RESOURCE_EXHAUSTED" in message else None
-  return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+  if found is None:
+    return None
+  size, unit = found.group(1, 2) if found.group(1) else found.group(3, 4)
+  return int(float(size) * _UNITS[unit])
 
 
 def fits(peak_bytes: int, hbm_bytes: int, headroom: float) -> bool:

@@ -97,6 +97,11 @@ def test_needed_bytes_are_read_from_the_compilers_out_of_memory_errors():
   refused = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
              "temporaries (27.00G) exceeds available HBM (15.75G).")
   assert aot_report.needed_bytes_from_error(refused) == 27 * GIB
+  # ... and for the configs/tpu_v5e.py:7b,lora train step on a v5e-8 (2026-11-29).
+  refused = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+             "Ran out of memory in memory space hbm. Used 16.30G of 15.75G hbm. Exceeded hbm "
+             "capacity by 562.79M.")
+  assert aot_report.needed_bytes_from_error(refused) == int(16.30 * GIB)
   assert aot_report.needed_bytes_from_error("INVALID_ARGUMENT: bad shape") is None
 
 
