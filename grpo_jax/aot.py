@@ -384,8 +384,9 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
     line = aot_report.error_line(target, hbm, headroom, programs)
     costed = next(p for p in programs if p.name == "train_step").flops is not None
     lora = cfg.model.lora.rank > 0  # its rollout merges the adapters: not in decode_program
-    roof = (plan.roofline(dump) if with_roofline and costed and not lora and line is None
-            else None)
+    scan = cfg.model.scan_layers  # XLA's cost analysis would count the layer loop once
+    roof = (plan.roofline(dump) if with_roofline and costed and not lora and not scan
+            and line is None else None)
   out = aot_report.report(target, hbm, headroom, programs, roof)
   out["model"] = {"path": cfg.model.path or "demo", "params": _param_count(setup),
                   "layers": mc.num_layers, "hidden_size": mc.hidden_size,
@@ -398,7 +399,9 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
   if roof is None:
     out["notes"].append("no roofline estimate: " + (
         "--noroofline" if not with_roofline else "a program does not fit" if line
-        else "not yet for LoRA" if lora else "the compiler gives no cost analysis here"))
+        else "not yet for LoRA" if lora else "the compiler's cost analysis counts the scanned "
+        "layers once (model.scan_layers); compile with model.scan_layers=False for it" if scan
+        else "the compiler gives no cost analysis here"))
   print(aot_report.format_report(out))
   if out_path:
     with open(out_path, "w") as f:

@@ -33,6 +33,7 @@ from grpo_jax import scoring
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
 from grpo_jax.models import attention as attention_lib
+from grpo_jax.models import layer_scan
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models import peft_io
 
@@ -66,7 +67,7 @@ def demo_model_config(cfg: config_lib.Config, tokenizer,
       max_position_embeddings=4096, bos_token_id=None,
       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-      attention=attention_impl(cfg, backend), lora=lora_spec(cfg))
+      scan_layers=cfg.model.scan_layers, attention=attention_impl(cfg, backend), lora=lora_spec(cfg))
 
 
 def load_tokenizer(path: str):
@@ -92,6 +93,7 @@ def load_model(cfg: config_lib.Config):
   else:  # the model first: its errors (no config.json, an unknown family) say more
     model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype,
                                    param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                   scan_layers=cfg.model.scan_layers,
                                    attention=attention_impl(cfg), lora=lora_spec(cfg),
                                    seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path)
@@ -111,8 +113,9 @@ def load_initial_adapter(cfg: config_lib.Config, model):
           f"model.lora.init_from={directory!r} holds adapters of rank {found.rank}, alpha "
           f"{found.alpha}, targets {','.join(found.targets)}; set model.lora.rank, "
           "model.lora.alpha and model.lora.targets to those")
-  peft_io.read_adapters(model, directory)
-  return model
+  unscanned = layer_scan.unscanned(model)  # the model itself unless scanned
+  peft_io.read_adapters(unscanned, directory)
+  return layer_scan.scanned(unscanned) if model.config.scan_layers else unscanned
 
 
 def host_device() -> jax.Device | None:
@@ -211,8 +214,9 @@ def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,
                 sampling: sampler_lib.SamplingSettings,
                 devices: Sequence[jax.Device] | None = None) -> TrainSetup:
   """The TrainSetup of cfg for a model of model_config's shape on devices (default: all),
-  with the LoRA adapters and base storage of cfg's model.lora."""
-  model_config = dataclasses.replace(model_config, lora=lora_spec(cfg))
+  with the LoRA adapters and base storage of cfg's model.lora and its model.scan_layers."""
+  model_config = dataclasses.replace(model_config, lora=lora_spec(cfg),
+                                     scan_layers=cfg.model.scan_layers)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: models.init(model_config)))
   mesh = mesh_lib.make_mesh(cfg.mesh.shape, devices)
   tx, lr_schedule = optimizer_lib.for_grpo(cfg)

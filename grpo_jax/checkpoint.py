@@ -256,6 +256,8 @@ class Checkpointer:
         problems.append(f"{_name(k)} is not in the checkpoint")
       elif wanted[k] != saved[k]:
         problems.append(f"{_name(k)} has shape {wanted[k]} here and {saved[k]} in the checkpoint")
+    if problems and _layer_layout(saved) != _layer_layout(wanted):
+      problems.insert(0, f"its layers are stored {_layer_layout(saved)}")
     if problems:
       more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
       raise UserError(
@@ -410,6 +412,15 @@ def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...] | None]:
   """Flat {path: shape} of a nested-dict tree of arrays (None for an empty node)."""
   return {k: (tuple(v.shape) if hasattr(v, "shape") else None)
           for k, v in ocp.tree.to_flat_dict(tree).items()}
+
+
+def _layer_layout(shapes: dict[tuple[str, ...], Any]) -> str | None:
+  """How a state's layers are stored, as model.scan_layers says; None without layers."""
+  for k in shapes:
+    if k[:2] == ("params", "layers") and len(k) > 2:
+      return ("one by one (model.scan_layers=False)" if k[2].isdigit() else
+              "stacked (model.scan_layers=True)")
+  return None
 
 
 def _name(path: tuple[str, ...]) -> str:

@@ -67,6 +67,7 @@ class ModelCfg:
   dtype: str = "float32"  # compute dtype
   param_dtype: Optional[str] = None  # None: same as dtype
   remat: bool = False  # rematerialise each block in the backward pass
+  scan_layers: bool = False  # blocks stacked and run by lax.scan: each compiled once
   attention: str = "auto"  # auto (per backend) | xla | blockwise | splash | cudnn
   demo: DemoModelCfg = DemoModelCfg()
   lora: LoRACfg = LoRACfg()

@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "norm": None,
     "lora_rank": None,
+    "layers": None,  # the stacked axis of model.scan_layers
 }
 
 

@@ -24,6 +24,7 @@ from grpo_jax import logprobs as logprobs_lib
 from grpo_jax import models
 from grpo_jax.config import DataCfg, SamplerCfg
 from grpo_jax.errors import UserError
+from grpo_jax.models import layer_scan
 from grpo_jax.models import lora as lora_lib
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +206,7 @@ def generate_from(model: models.Transformer, prompt_tokens: jax.Array, prompt_ma
   jnp.repeat(prompt_tokens, samples_per_prompt, axis=0), drawn the same way, but each prompt
   runs through the model once and its keys and values serve all of its samples.
   """
+  model = layer_scan.unscanned(model)  # blocks one by one: decoding does not scan
   p, t = prompt_tokens.shape
   b = p * samples_per_prompt
   n = settings.max_new_tokens

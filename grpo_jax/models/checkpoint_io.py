@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grpo_jax.errors import UserError
+from grpo_jax.models import layer_scan
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models import quantize
 from grpo_jax.models.config import LoRASpec, ModelConfig
@@ -161,10 +162,12 @@ def fresh_adapters(config: ModelConfig, seed: int) -> nnx.State:
 
 
 def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *,
-                    param_dtype: str | None = None, remat: bool = False, attention: str = "xla",
+                    param_dtype: str | None = None, remat: bool = False,
+                    scan_layers: bool = False, attention: str = "xla",
                     lora: LoRASpec | None = None, seed: int = 0) -> Transformer:
   """Loads a local HF checkpoint dir; parameters in param_dtype (default: dtype), compute in
-  dtype, attention by the implementation `attention` (models/attention.py).
+  dtype, attention by the implementation `attention` (models/attention.py); scan_layers: the
+  blocks stacked once read (layer_scan.py).
 
   lora: adds fresh adapters (drawn with `seed`) over the checkpoint's weights, which then are
   stored as lora.base_dtype says.
@@ -192,12 +195,14 @@ def from_pretrained(path: str | pathlib.Path, dtype: str = "float32", *,
           weight.set_value(jnp.asarray(_to_ours(f.get_tensor(stored), name, weight.shape, target)))
   if lora is not None:
     nnx.update(model, fresh_adapters(config, seed))
-  return model
+  return layer_scan.scanned(model) if scan_layers else model
 
 
 def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 4 << 30) -> None:
   """Writes config.json and safetensors (sharded with an index above max_shard_bytes) for
-  transformers; a LoRA model merged, in the dtype of its base (its compute dtype if quantized)."""
+  transformers; a LoRA model merged, in the dtype of its base (its compute dtype if quantized).
+  A scanned model writes the same files as its unscanned form."""
+  model = layer_scan.unscanned(model)
   if model.config.lora is not None:
     model = lora_lib.merged(model, model.config.base_param_dtype)
   out = pathlib.Path(out_dir)

@@ -110,6 +110,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"  # of the trained parameters: all of them, or the LoRA adapters
   remat: bool = False
+  scan_layers: bool = False  # blocks stacked and run by lax.scan (layer_scan.py)
   attention: str = "xla"  # the implementation (attention.py): xla | blockwise | splash | cudnn
   lora: LoRASpec | None = None  # None: every weight is trained
 
@@ -201,12 +202,12 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
-              remat: bool = False, attention: str = "xla",
+              remat: bool = False, scan_layers: bool = False, attention: str = "xla",
               lora: LoRASpec | None = None) -> ModelConfig:
     """Reads a HF config.json dict (hf_config.py says which layouts and fields)."""
     from grpo_jax.models import hf_config  # pylint: disable=g-import-not-at-top
     return cls(**hf_config.read(hf), dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
-               attention=attention, lora=lora)
+               scan_layers=scan_layers, attention=attention, lora=lora)
 
   def to_hf(self) -> dict[str, Any]:
     """The config.json dict in the layout transformers 5 writes (rope_parameters, layer_types)."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.models import layer_scan
 from grpo_jax.models import quantize
 from grpo_jax.models.config import LoRASpec
 
@@ -106,8 +107,10 @@ def merged(model: nnx.Module, dtype) -> nnx.Module:
 
 
 def for_rollout(model: nnx.Module) -> nnx.Module:
-  """The model sampling runs: with adapters, merged once into compute-dtype weights (faster
-  than applying them at every new token, BENCHMARKS.md); without, the model itself."""
+  """The model sampling runs: its blocks unstacked (layer_scan.unscanned), and with adapters,
+  merged once into compute-dtype weights (faster than applying them at every new token,
+  BENCHMARKS.md); without, the model itself."""
+  model = layer_scan.unscanned(model)
   if model.config.lora is None:
     return model
   return merged(model, model.config.compute_dtype)

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from grpo_jax.errors import UserError
 from grpo_jax.models import checkpoint_io
+from grpo_jax.models import layer_scan
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models.config import LORA_TARGETS, LoRASpec
 from grpo_jax.models.transformer import Transformer
@@ -48,6 +49,7 @@ def _adapters(model: Transformer) -> Iterator[tuple[str, lora_lib.LoRA]]:
 def save_peft_adapter(model: Transformer, out_dir: str | pathlib.Path, *,
                       base_model_name_or_path: str | None = None) -> None:
   """Writes the model's adapters as a PEFT LoRA adapter directory."""
+  model = layer_scan.unscanned(model)
   spec = model.config.lora
   if spec is None:
     raise UserError("the model has no LoRA adapters to save; set model.lora.rank > 0")
@@ -119,15 +121,18 @@ def load_peft_adapter(model: Transformer, adapter_dir: str | pathlib.Path) -> Tr
   old = model.config.lora
   base_dtype = old.base_dtype if old is not None else model.config.param_dtype
   spec = adapter_spec(adapter_dir, base_dtype)
-  config = dataclasses.replace(model.config, lora=spec)
+  config = dataclasses.replace(model.config, lora=spec, scan_layers=False)
   new = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  nnx.update(new, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  nnx.update(new, nnx.state(layer_scan.unscanned(model), nnx.Not(nnx.LoRAParam)))
   read_adapters(new, adapter_dir)
-  return new
+  return layer_scan.scanned(new) if model.config.scan_layers else new
 
 
 def read_adapters(model: Transformer, adapter_dir: str | pathlib.Path) -> None:
-  """Sets the model's adapters to those of a PEFT directory with the same targets and rank."""
+  """Sets the model's adapters to those of a PEFT directory with the same targets and rank
+  (a model with config.scan_layers: load_peft_adapter)."""
+  if model.config.scan_layers:
+    raise ValueError("read_adapters sets an unscanned model's adapters; use load_peft_adapter")
   spec = model.config.lora
   path = pathlib.Path(adapter_dir) / WEIGHTS_FILE
   if not path.is_file():

@@ -18,6 +18,7 @@ from flax import nnx
 
 from grpo_jax import logprobs as logprobs_lib
 from grpo_jax.models import attention as attention_lib
+from grpo_jax.models import layer_scan
 from grpo_jax.models import lora as lora_lib
 from grpo_jax.models import quantize
 from grpo_jax.models.config import FULL, SLIDING, ModelConfig
@@ -246,13 +247,16 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
 
 class Transformer(nnx.Module):
   """Token embedding (times sqrt(D) for Gemma), L blocks, final RMSNorm, tied or untied
-  unembedding (then Gemma's final soft cap, if any)."""
+  unembedding (then Gemma's final soft cap, if any). With config.scan_layers the blocks are
+  stored stacked and run by lax.scan (layer_scan.py); the same rng draws give the same
+  weights either way."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     pd = config.base_param_dtype
     self.config = config
     self.embed = _param(rngs, _normal, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+    self.layers = layer_scan.stack(blocks) if config.scan_layers else nnx.List(blocks)
     self.final_norm = _norm(config, config.hidden_size, rngs=rngs)
     self.lm_head = None if config.tie_word_embeddings else _param(
         rngs, _normal, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
@@ -303,11 +307,55 @@ class Transformer(nnx.Module):
     if remat is None:
       remat = config.remat and cache is None
     run = _run_block_remat if remat else _run_block
+    if config.scan_layers:
+      return self._scanned_blocks(x, rope, windows, key_valid, cache, cache_index, run, constrain,
+                                  dropout_key)
     for layer, block in enumerate(self.layers):
       kind = config.layer_type(layer)
       x, cache = run(block, x, *rope[kind], key_valid, cache, layer, cache_index, windows[kind],
                      lora_lib.fold(dropout_key, layer))
       x = constrain(x)
+    return self.final_norm(x), cache
+
+  def _scanned_blocks(self, x, rope, windows, key_valid, cache, cache_index, run, constrain,
+                      dropout_key) -> tuple[jax.Array, KVCache | None]:
+    """hidden's blocks when they are stacked: a lax.scan per run of layer kinds
+    (layer_scan.runs) whose step applies the run's pattern to a slice of the stacked
+    variables and, with a cache, of the stacked keys and values (a one-layer cache each)."""
+    config = self.config
+    if cache is not None and not isinstance(cache_index, int):
+      raise ValueError("a scanned model does not decode: sample with layer_scan.unscanned(model)")
+    graphdef, state = nnx.split(self.layers)
+    kinds = [config.layer_type(i) for i in range(config.num_layers)]
+    new_k, new_v = [], []
+    for start, period, reps in layer_scan.runs(kinds):
+
+      def step(x, xs, start=start, period=period):
+        state_p, layers_p, k_p, v_p = xs  # [period, ...] each
+        k_out, v_out = [], []
+        for j in range(period):
+          kind = kinds[start + j]
+          block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], state_p))
+          one = None if cache is None else cache.replace(k=(k_p[j],), v=(v_p[j],))
+          x, one = run(block, x, *rope[kind], key_valid, one, 0, cache_index, windows[kind],
+                       lora_lib.fold(dropout_key, layers_p[j]))
+          x = constrain(x)
+          if one is not None:
+            k_out.append(one.k[0])
+            v_out.append(one.v[0])
+        return x, (None if cache is None else (jnp.stack(k_out), jnp.stack(v_out)))
+
+      layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+      xs = layer_scan.run_slices(
+          (state, layers, None if cache is None else cache.k, None if cache is None else cache.v),
+          start, period, reps)
+      x, kv = jax.lax.scan(step, x, xs)
+      if kv is not None:
+        new_k.append(kv[0].reshape(-1, *kv[0].shape[2:]))
+        new_v.append(kv[1].reshape(-1, *kv[1].shape[2:]))
+    if cache is not None:
+      join = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+      cache = cache.replace(k=join(new_k), v=join(new_v))
     return self.final_norm(x), cache
 
   def unembed(self) -> jax.Array:
