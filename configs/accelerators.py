@@ -33,6 +33,7 @@ from configs import hf
 from grpo_jax.errors import UserError
 
 DEFAULT_SIZE = "1.5b"
+SCANNED = ("gemma3-1b",)  # sizes whose layers are scanned (model.scan_layers)
 LORA = dict(rank=64, alpha=64.0, base_dtype="bfloat16", learning_rate=1e-5)
 
 
@@ -64,6 +65,7 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   cfg.grpo.num_generations = 8  # G
   cfg.mesh.shape = mesh_shape[size]
   cfg.train.grad_accum_steps = grad_accum_steps[size]
+  cfg.model.scan_layers = size in SCANNED
   if lora:
     cfg.train.grad_accum_steps = grad_accum_steps.get(f"{size},lora", grad_accum_steps[size])
     cfg.model.lora.rank = LORA["rank"]
@@ -77,5 +79,6 @@ def make_config(arg: str | None, *, prompts_per_step: int,
 # across chips and heads / MLP / vocab over 4; 7b,lora: 16 micro-batches (at 8 the v5e-8
 # train step needed 16.30 GiB of 15.75 by the compiler, tpu_v5e.py).
 TPU = dict(prompts_per_step=32,
-           mesh_shape={"0.5b": (1, -1, 1), "1.5b": (1, -1, 1), "7b": (1, -1, 4)},
-           grad_accum_steps={"0.5b": 4, "1.5b": 4, "7b": 8, "7b,lora": 16})
+           mesh_shape={"0.5b": (1, -1, 1), "1.5b": (1, -1, 1), "gemma3-1b": (1, -1, 1),
+                       "7b": (1, -1, 4)},
+           grad_accum_steps={"0.5b": 4, "1.5b": 4, "gemma3-1b": 4, "7b": 8, "7b,lora": 16})
