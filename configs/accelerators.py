@@ -33,7 +33,6 @@ from configs import hf
 from grpo_jax.errors import UserError
 
 DEFAULT_SIZE = "1.5b"
-SCANNED = ("gemma3-1b",)  # sizes whose layers are scanned (model.scan_layers)
 LORA = dict(rank=64, alpha=64.0, base_dtype="bfloat16", learning_rate=1e-5)
 
 
@@ -65,7 +64,6 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   cfg.grpo.num_generations = 8  # G
   cfg.mesh.shape = mesh_shape[size]
   cfg.train.grad_accum_steps = grad_accum_steps[size]
-  cfg.model.scan_layers = size in SCANNED
   if lora:
     cfg.train.grad_accum_steps = grad_accum_steps.get(f"{size},lora", grad_accum_steps[size])
     cfg.model.lora.rank = LORA["rank"]
