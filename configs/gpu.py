@@ -35,6 +35,9 @@ from configs import accelerators
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # B * G = 128 rows per step, FSDP over every GPU.
-  return accelerators.make_config(arg, prompts_per_step=16,
-                                  mesh_shape={"1.5b": (1, -1, 1), "7b": (1, -1, 1)},
-                                  grad_accum_steps={"1.5b": 4, "7b": 4})[1]
+  size, cfg = accelerators.make_config(
+      arg, prompts_per_step=16, mesh_shape={"1.5b": (1, -1, 1), "7b": (1, -1, 1)},
+      grad_accum_steps={"1.5b": 4, "7b": 4, "7b,lora": 16})
+  if size == "7b":
+    cfg.eval.num_prompts = 16
+  return cfg
