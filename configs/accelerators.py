@@ -33,19 +33,26 @@ from configs import hf
 from grpo_jax.errors import UserError
 
 DEFAULT_SIZE = "1.5b"
+OPTIONS = frozenset({"lora", "long"})
 LORA = dict(rank=64, alpha=64.0, base_dtype="bfloat16", learning_rate=1e-5)
+# "long": chains of thought of N = 8,192 new tokens (4,096 for 7B), G = 8 as ever, B / 4
+# prompts (a micro-batch holds a quarter of the rows, each 8.25 times longer at 1.5B), and
+# evaluation on 8 prompts (k = 4 rows each, every row's KV cache 8,448 slots long).
+LONG = dict(new_tokens={"7b": 4096, "*": 8192}, fewer_prompts=4, eval_prompts=8)
 
 
-def split_size(arg: str | None, sizes: tuple[str, ...]) -> tuple[str, bool, str]:
-  """(one of sizes, default 1.5b; whether "lora" is given; the k=v items for hf.parse_arg)
-  from "[size,][lora,]k=v,k=v"."""
+def split_size(arg: str | None, sizes: tuple[str, ...]) -> tuple[str, frozenset[str], str]:
+  """(one of sizes, default 1.5b; the OPTIONS given; the k=v items for hf.parse_arg) from
+  "[size,][lora,][long,]k=v,k=v"."""
   items = [item.strip() for item in (arg or "").split(",") if item.strip()]
   flags = [item for item in items if "=" not in item]
-  named = [item for item in flags if item != "lora"]
-  if len(named) > 1 or (named and named[0] not in sizes) or flags.count("lora") > 1:
+  named = [item for item in flags if item not in OPTIONS]
+  if (len(named) > 1 or (named and named[0] not in sizes)
+      or any(flags.count(option) > 1 for option in OPTIONS)):
     raise UserError(f"config argument {','.join(flags)!r} is not allowed: at most one model "
-                    f"size ({' | '.join(sizes)}) and \"lora\" before model=DIR,data=FILE.jsonl")
-  return ((named[0] if named else DEFAULT_SIZE), "lora" in flags,
+                    f"size ({' | '.join(sizes)}), \"lora\" and \"long\" before "
+                    "model=DIR,data=FILE.jsonl")
+  return ((named[0] if named else DEFAULT_SIZE), frozenset(flags) & OPTIONS,
           ",".join(i for i in items if "=" in i))
 
 
@@ -55,8 +62,8 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   """(size, configs/hf.py's config with the sequence lengths above, B and the size's
   mesh.shape and gradient accumulation, the sizes being mesh_shape's keys; with "lora",
   LORA's adapters and rate, and the accumulation of grad_accum_steps["<size>,lora"] where
-  there is one)."""
-  size, lora, rest = split_size(arg, tuple(mesh_shape))
+  there is one; with "long", LONG's lengths and prompts)."""
+  size, options, rest = split_size(arg, tuple(mesh_shape))
   cfg = hf.get_config(rest)
   cfg.data.prompts_per_step = prompts_per_step  # B
   cfg.data.max_prompt_len = 256  # T
@@ -64,7 +71,11 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   cfg.grpo.num_generations = 8  # G
   cfg.mesh.shape = mesh_shape[size]
   cfg.train.grad_accum_steps = grad_accum_steps[size]
-  if lora:
+  if "long" in options:
+    cfg.sampler.max_new_tokens = LONG["new_tokens"].get(size, LONG["new_tokens"]["*"])
+    cfg.data.prompts_per_step = prompts_per_step // LONG["fewer_prompts"]
+    cfg.eval.num_prompts = LONG["eval_prompts"]
+  if "lora" in options:
     cfg.train.grad_accum_steps = grad_accum_steps.get(f"{size},lora", grad_accum_steps[size])
     cfg.model.lora.rank = LORA["rank"]
     cfg.model.lora.alpha = LORA["alpha"]

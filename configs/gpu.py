@@ -39,5 +39,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arg, prompts_per_step=16, mesh_shape={"1.5b": (1, -1, 1), "7b": (1, -1, 1)},
       grad_accum_steps={"1.5b": 4, "7b": 4, "7b,lora": 16})
   if size == "7b":
-    cfg.eval.num_prompts = 16
+    cfg.eval.num_prompts = min(cfg.eval.num_prompts, 16)
   return cfg

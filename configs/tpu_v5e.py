@@ -42,5 +42,5 @@ from configs import accelerators
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size, cfg = accelerators.make_config(arg, **accelerators.TPU)
   if size == "7b":
-    cfg.eval.num_prompts = 16
+    cfg.eval.num_prompts = min(cfg.eval.num_prompts, 16)
   return cfg

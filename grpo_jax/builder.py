@@ -207,7 +207,7 @@ class TrainSetup:
 
   def eval_sample_fn(self):
     """The jitted sampler of evaluation (evaluate.make_sample_fn)."""
-    return evaluate_lib.make_sample_fn(self.graphdef, self.eval_sampling)
+    return evaluate_lib.make_sample_fn(self.graphdef, self.eval_sampling, self.layout)
 
 
 def train_setup(cfg: config_lib.Config, model_config: models.ModelConfig,

@@ -16,6 +16,7 @@ from flax import nnx
 
 from grpo_jax import config as config_lib
 from grpo_jax import data as data_lib
+from grpo_jax import mesh as mesh_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
 from grpo_jax.models import lora as lora_lib
@@ -33,12 +34,21 @@ def correctness_reward(cfg: config_lib.Config) -> str:
   return "accuracy" if cfg.data.source.startswith(("jsonl:", "tfds:")) else "exact_match"
 
 
-def make_sample_fn(graphdef, settings: sampler_lib.SamplingSettings):
+def make_sample_fn(graphdef, settings: sampler_lib.SamplingSettings, layout=None):
   """jit: (params, prompt_tokens [P, T], prompt_mask [P, T], key, samples_per_prompt=k) ->
-  (tokens, mask) [P * k, N], a prompt's k samples consecutive (LoRA adapters merged once)."""
+  (tokens, mask) [P * k, N], a prompt's k samples consecutive (LoRA adapters merged once).
+
+  layout (train_step.Layout): when the P prompts split evenly over the batch axes, sampling
+  runs in the rollout's layout (mesh.to_rollout_layout), each device on its own rows and
+  their KV cache; otherwise, and without a layout, every device samples every row.
+  """
 
   @functools.partial(jax.jit, static_argnames="samples_per_prompt")
   def sample(params, prompt_tokens, prompt_mask, key, samples_per_prompt=1):
+    if layout is not None and prompt_tokens.shape[0] % mesh_lib.row_shards(layout.rows.mesh) == 0:
+      params, prompt_tokens, prompt_mask = mesh_lib.to_rollout_layout(
+          params, layout.params, nnx.merge(graphdef, params).config.compute_dtype, layout.rows,
+          prompt_tokens, prompt_mask)
     policy = lora_lib.for_rollout(nnx.merge(graphdef, params))
     out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, settings,
                                     samples_per_prompt)

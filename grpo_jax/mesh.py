@@ -128,3 +128,11 @@ def rollout_params(params: Any, shardings: Any, dtype: Any) -> Any:
     return x.replace(jax.lax.with_sharding_constraint(value, target))
 
   return jax.tree.map(one, params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def to_rollout_layout(params: Any, shardings: Any, dtype: Any, row_sharding: NamedSharding,
+                      *rows: jax.Array) -> tuple[Any, ...]:
+  """(rollout_params(params, shardings, dtype), *rows split by row_sharding): what sampling
+  runs on in the rollout layout; traceable."""
+  rows = tuple(jax.lax.with_sharding_constraint(x, row_sharding) for x in rows)
+  return (rollout_params(params, shardings, dtype), *rows)

@@ -190,10 +190,9 @@ def sample(graphdef, params, batch: Batch, key: jax.Array, settings: StepSetting
   prompt_tokens = jnp.repeat(batch.prompt_tokens, g // share, axis=0)  # [R / S, T]
   prompt_mask = jnp.repeat(batch.prompt_mask, g // share, axis=0)
   if layout is not None:
-    prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, layout.rows)
-    prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, layout.rows)
-    compute_dtype = nnx.merge(graphdef, params).config.compute_dtype
-    params = mesh_lib.rollout_params(params, layout.params, compute_dtype)
+    params, prompt_tokens, prompt_mask = mesh_lib.to_rollout_layout(
+        params, layout.params, nnx.merge(graphdef, params).config.compute_dtype, layout.rows,
+        prompt_tokens, prompt_mask)
   policy = lora_lib.for_rollout(nnx.merge(graphdef, params))
   out = sampler_lib.generate_from(policy, prompt_tokens, prompt_mask, key, settings.sampling,
                                   samples_per_prompt=share)
