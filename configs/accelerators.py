@@ -1,11 +1,14 @@
 """What the accelerator configs (tpu_v4.py, tpu_v5e.py, tpu_v6e.py, gpu.py) share.
 
-Each takes configs/hf.py's arguments, optionally led by a model size and "lora":
+Each takes configs/hf.py's arguments, optionally led by a model size, "lora" and "long"; all
+scan their layers (model.scan_layers, README "Layers compiled once"):
 
   --config=configs/tpu_v4.py:model=DIR,data=FILE.jsonl       # a Qwen2.5-1.5B-class model
   --config=configs/tpu_v4.py:7b,model=DIR,data=FILE.jsonl    # a Qwen2.5-7B-class model
   --config=configs/tpu_v5e.py:0.5b,model=DIR,data=FILE.jsonl  # a Qwen2.5-0.5B-class one (TPU)
+  --config=configs/tpu_v5e.py:gemma3-1b,model=DIR,data=FILE.jsonl  # Gemma 3 1B (TPU)
   --config=configs/tpu_v5e.py:7b,lora,model=DIR,data=FILE.jsonl   # LoRA rank 64 on it
+  --config=configs/tpu_v5e.py:long,model=DIR,data=FILE.jsonl  # 8,192 new tokens (7b: 4,096)
 
 What each needs per chip is the compiler's word, not arithmetic: every config's comment gives
 the peak that `python -m grpo_jax.aot --config=... --topology=SLICE` reported for its slice
@@ -71,6 +74,9 @@ def make_config(arg: str | None, *, prompts_per_step: int,
   cfg.grpo.num_generations = 8  # G
   cfg.mesh.shape = mesh_shape[size]
   cfg.train.grad_accum_steps = grad_accum_steps[size]
+  # Blocks stacked and scanned: compiled once, and each block's rematerialised activations
+  # live only inside its own loop step (README "Layers compiled once").
+  cfg.model.scan_layers = True
   if "long" in options:
     cfg.sampler.max_new_tokens = LONG["new_tokens"].get(size, LONG["new_tokens"]["*"])
     cfg.data.prompts_per_step = prompts_per_step // LONG["fewer_prompts"]

@@ -41,9 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.dtype = "bfloat16"
   cfg.model.param_dtype = "float32"
   cfg.model.remat = True
-  # Blocks stacked and scanned: compiled once, and each block's rematerialised activations
-  # live only inside its own loop step (README "Layers compiled once").
-  cfg.model.scan_layers = True
   cfg.data.source = "jsonl:" + args["data"]
   if "eval" in args:
     cfg.data.eval_source = "jsonl:" + args["eval"]

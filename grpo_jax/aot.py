@@ -341,6 +341,19 @@ class Plan:
                                decode=decode, decode_min_bytes=self.decode_min_bytes())
 
 
+def _unrolled(plan: Plan, devices) -> Plan:
+  """The plan itself, or for a config that scans its layers (model.scan_layers) the same
+  config with them unrolled: XLA's cost analysis counts a loop body once, so the roofline's
+  phases of a scanned step would count one layer."""
+  if not plan.cfg.model.scan_layers:
+    return plan
+  cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model,
+                                                                scan_layers=False))
+  mc = plan.model_config
+  setup = builder.train_setup(cfg, mc, builder.sampling_settings(cfg, None, mc), devices)
+  return dataclasses.replace(plan, cfg=cfg, setup=setup)
+
+
 def _announce(program: aot_report.Program) -> aot_report.Program:
   """Says on stderr that a program compiled (a full-size step takes minutes) and its peak,
   and lets go of the compiler's memory before the next one."""
@@ -384,8 +397,7 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
     line = aot_report.error_line(target, hbm, headroom, programs)
     costed = next(p for p in programs if p.name == "train_step").flops is not None
     lora = cfg.model.lora.rank > 0  # its rollout merges the adapters: not in decode_program
-    scan = cfg.model.scan_layers  # XLA's cost analysis would count the layer loop once
-    roof = (plan.roofline(dump) if with_roofline and costed and not lora and not scan
+    roof = (_unrolled(plan, devices).roofline(dump) if with_roofline and costed and not lora
             and line is None else None)
   out = aot_report.report(target, hbm, headroom, programs, roof)
   out["model"] = {"path": cfg.model.path or "demo", "params": _param_count(setup),
@@ -399,9 +411,10 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
   if roof is None:
     out["notes"].append("no roofline estimate: " + (
         "--noroofline" if not with_roofline else "a program does not fit" if line
-        else "not yet for LoRA" if lora else "the compiler's cost analysis counts the scanned "
-        "layers once (model.scan_layers); compile with model.scan_layers=False for it" if scan
-        else "the compiler gives no cost analysis here"))
+        else "not yet for LoRA" if lora else "the compiler gives no cost analysis here"))
+  elif cfg.model.scan_layers:
+    out["notes"].append("the roofline's phases were compiled with the layers unrolled (XLA's "
+                        "cost analysis counts a loop body once)")
   print(aot_report.format_report(out))
   if out_path:
     with open(out_path, "w") as f:

@@ -94,7 +94,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 # B = 4 prompts x G = 4, T = N = 64: 16 rows, two a chip on 8.
 _SMALL = ("--config.data.prompts_per_step=4", "--config.grpo.num_generations=4",
           "--config.data.max_prompt_len=64", "--config.sampler.max_new_tokens=64",
-          "--config.eval.num_prompts=0")
+          "--config.eval.num_prompts=0", "--config.model.scan_layers=true")  # as the configs
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,8 @@ def test_a_small_model_fits_a_v5e_8_with_a_roofline_estimate(compile_small):
   # One decode iteration reads its chip's weights and KV cache at least once.
   assert roof["decode_bytes_per_token"] >= roof["decode_min_bytes_per_token"] > 0
   assert "(compiler estimates)" in stdout and "roofline estimate" in stdout
+  # The step scans its layers; the roofline's phases compile unrolled to count them all.
+  assert any("layers unrolled" in note for note in report["notes"]), report["notes"]
 
 
 @needs_libtpu
