@@ -20,14 +20,9 @@ gradients; sampling gathers the weights in bfloat16 (2P, split by tensor only) a
 of S = T + N = 1024 slots a row.
 
 "lora": rank-64 adapters on q, k, v, o, gate, up, down over a frozen bfloat16 base (LORA
-below). Estimates by arithmetic, not yet checked by the compiler:
-  base 2P bytes (7B: 15.2 GB; Llama-3.1-8B, P = 8.03e9: 16.1 GB), split like the params;
-  adapters A = r (in + out) per projection, 2.1% of P (7B: 161.5M; 8B: 167.8M), float32 with
-    AdamW's moments: 12A bytes (7B: 1.9 GB; 8B: 2.0 GB), and during the update their gradients
-    and accumulator 8A (1.3 GB); no reference copy: pi_ref is the base with the adapters off;
-  rollout: the base gathered in bfloat16 (2P / tensor) and the adapters merged into a copy of
-    it (another 2P / tensor where XLA does not write it in place);
-  KV cache (8B, 8 kv heads) 134 MB per row of S = 1024.
+below): no reference copy (pi_ref is the base with the adapters off), AdamW's moments for the
+adapters only (2.1% of P at rank 64 on a 7B). The compiler's figures: tpu_v5e.py and gpu.py.
+"long": see LONG below; the compiler's figures: tpu_v5e.py and gpu.py.
 """
 
 import ml_collections

@@ -3,35 +3,28 @@
   python -m grpo_jax.main --config=configs/tpu_v5e.py:model=DIR,data=FILE.jsonl --workdir=DIR
   python -m grpo_jax.main --config=configs/tpu_v5e.py:7b,model=DIR,data=FILE.jsonl --workdir=DIR
   python -m grpo_jax.main --config=configs/tpu_v5e.py:7b,lora,model=DIR,data=FILE.jsonl ...
+  python -m grpo_jax.main --config=configs/tpu_v5e.py:long,model=DIR,data=FILE.jsonl ...
 
-Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, 7b; what the
-memory holds: configs/accelerators.py).
+Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, gemma3-1b, 7b),
+"lora" and "long" (configs/accelerators.py). Every figure below is the compiler's estimate per
+chip of the 15.75 GiB libtpu lets a program use, from `python -m grpo_jax.aot --config=
+configs/tpu_v5e.py:[ARGS,]model=NAME,data=unused.jsonl --topology=SLICE --noroofline`
+(2026-11-29, jax 0.10.2, libtpu 0.0.42.1), layers scanned; "free" is what the train step
+leaves (the tool wants 10%).
 
 1.5b (Qwen2.5-1.5B class), v5litepod-8 and larger, FSDP over every chip, 4 micro-batches.
-  Compiled for a v5e-8 by `python -m grpo_jax.aot --config=configs/tpu_v5e.py:model=Qwen2.5-1.5B,
-  data=unused.jsonl --topology=v5e-8 --noroofline` (2026-11-29, jax 0.10.2, libtpu 0.0.42.1;
-  compiler estimates per chip, of the 15.75 GiB libtpu lets a program use): train step peak
-  13.87 GiB (88%: 12% free, the 10% headroom kept; the state 2.88 GiB), init 3.71 GiB,
-  evaluation sampler 8.33 GiB (its 256 rows' KV cache, 7.0 GiB, is on every chip). Little
-  room: a longer prompt bucket or more new tokens will not fit with 10% free; check with the
-  command. Its largest buffers are per-layer copies the remat should not keep (27 x
-  bf16[64,12,768,128] of the attention, 4.1 GiB; 28 x bf16[6136,8960] MLP inputs, 3.1 GiB).
-0.5b (Qwen2.5-0.5B class), v5litepod-4: not yet compiled; check it with
-  `--config=configs/tpu_v5e.py:0.5b,model=Qwen2.5-0.5B,data=unused.jsonl --topology=v5e-4`.
-7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4. Not yet compiled; by hand, per
-  chip: 121.8 GB / 32 = 3.8 GB,
-  plus gradients 60.9 GB / 32 = 1.9 GB and 256 / 8 / 8 = 4 rows (0.8 GB of block inputs):
-  about 7 GB. Rollout: 3.8 GB + 15.2 GB / 4 = 3.8 GB of weights + 32 rows of KV cache / 4
-  (0.5 GB): about 8 GB. On a v5litepod-16, 7.6 GB + 3.8 GB of gradients before activations.
-  Evaluation samples its rows without the rollout layout, so each chip may hold the KV cache
-  of all of them (4 * 58.7 MB per prompt at k = 4): 16 prompts keep that to 3.8 GB.
-7b,lora (Qwen2.5-7B, rank 64), v5litepod-8: FSDP 2 x tensor 4, estimates by arithmetic. Per chip:
-  base 15.2 GB / 8 = 1.9 GB, adapters and moments 1.9 GB split 2 or 4 ways (at most 1.0 GB).
-  Update: gradients 1.3 GB / 2 = 0.6 GB and 256 / 8 / 2 = 16 rows: 16 * 0.21 = 3.3 GB of block
-  inputs and 3 * 16 * 0.12 / 4 = 1.4 GB for one block's attention: about 8 GB. Rollout: 2.9 GB
-  + 15.2 GB / 4 = 3.8 GB of gathered weights + their merged copy 3.8 GB + 128 rows of KV cache
-  / 4 (1.9 GB): about 12.4 GB of the 16 GiB (a full fine-tune needs 121.8 GB / 8 = 15.2 GB
-  before activations).
+  v5e-8 (model=Qwen2.5-1.5B): train step 8.96 GiB (43% free), init 3.71, evaluation sampler
+  5.42. Unrolled (before model.scan_layers) the step needed 13.87 GiB.
+1.5b,long: 8,192 new tokens, B 8 x G 8. v5e-8: train step 10.82 GiB (31% free), init 3.71,
+  evaluation sampler 5.22.
+0.5b (Qwen2.5-0.5B class), v5litepod-4. V5E4_05B
+gemma3-1b (Gemma 3 1B: 26 layers, 5 sliding to 1 full, scanned as 7 blocks), v5litepod-8,
+  FSDP over every chip, 4 micro-batches. v5e-8 (model=gemma-3-1b-it): GEMMA_FIGURES
+7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4; evaluation on 16 prompts. V5E32_7B
+7b,lora (Qwen2.5-7B, rank 64), v5litepod-8: FSDP 2 x tensor 4, 16 micro-batches. v5e-8
+  (model=Qwen2.5-7B): train step 10.70 GiB (32% free), init 4.42, evaluation sampler 8.38.
+  With 8 micro-batches, unrolled, the compiler refused the step (16.30 GiB); a full
+  fine-tune would need 121.8 GB / 8 = 15.2 GB of state alone.
 """
 
 import ml_collections
