@@ -37,4 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grad_accum_steps={"1.5b": 4, "7b": 4, "7b,lora": 16})
   if size == "7b":
     cfg.eval.num_prompts = min(cfg.eval.num_prompts, 16)
+  else:  # on one H100 the 1.5B step needs less unrolled (46.96 GiB) than scanned (59.70)
+    cfg.model.scan_layers = False
   return cfg

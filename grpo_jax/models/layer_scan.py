@@ -54,21 +54,6 @@ def unstack(block: nnx.Module, num_layers: int) -> list[nnx.Module]:
           for i in range(num_layers)]
 
 
-def in_compute_dtype(state: Any, dtype: Any) -> Any:
-  """The stacked weights the blocks use in `dtype` cast once, before the scan: the same values
-  (a block casts each weight it uses), but the loop then carries them at that width. Norm
-  scales (used in float32), adapters and quantized codes stay as they are. On one H100 the
-  1.5B step kept four float32 copies of stacked MLP weights in the scan's loop state."""
-
-  def cast(x):
-    if (type(x) is nnx.Param and jnp.issubdtype(x.dtype, jnp.floating)  # pylint: disable=unidiomatic-typecheck
-        and "norm" not in (x.get_metadata().get("out_sharding") or ())):
-      return x.replace(x.get_value().astype(dtype))
-    return x
-
-  return jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def runs(kinds: Sequence[str]) -> list[tuple[int, int, int]]:
   """(start, period, reps) of the runs that cover the layer kinds in order, each the
   repetition of a pattern of `period` kinds, chosen so that the blocks compiled (the sum of

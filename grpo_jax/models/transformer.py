@@ -326,7 +326,6 @@ class Transformer(nnx.Module):
     if cache is not None and not isinstance(cache_index, int):
       raise ValueError("a scanned model does not decode: sample with layer_scan.unscanned(model)")
     graphdef, state = nnx.split(self.layers)
-    state = layer_scan.in_compute_dtype(state, config.compute_dtype)
     kinds = [config.layer_type(i) for i in range(config.num_layers)]
     new_k, new_v = [], []
     for start, period, reps in layer_scan.runs(kinds):
