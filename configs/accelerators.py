@@ -1,7 +1,7 @@
 """What the accelerator configs (tpu_v4.py, tpu_v5e.py, tpu_v6e.py, gpu.py) share.
 
-Each takes configs/hf.py's arguments, optionally led by a model size, "lora" and "long"; all
-scan their layers (model.scan_layers, README "Layers compiled once"):
+Each takes configs/hf.py's arguments, optionally led by a model size, "lora" and "long"; they
+scan their layers (model.scan_layers, README "Layers compiled once"), but gpu.py's 1.5b:
 
   --config=configs/tpu_v4.py:model=DIR,data=FILE.jsonl       # a Qwen2.5-1.5B-class model
   --config=configs/tpu_v4.py:7b,model=DIR,data=FILE.jsonl    # a Qwen2.5-7B-class model

@@ -55,7 +55,7 @@ def test_several_gpu_nodes_keep_fsdp_inside_a_node():
 
 
 @pytest.mark.parametrize("arg, words", [
-    (f"3b,{ARG}", ["'3b'", "1.5b | 7b"]),
+    (f"3b,{ARG}", ["'3b'", "1.5b |", "| 7b)", "\"lora\" and \"long\""]),
     (f"7b,1.5b,{ARG}", ["'7b,1.5b'"]),
     ("7b,data=/d.jsonl", ["model missing"]),
 ])

@@ -160,10 +160,7 @@ def test_a_scanned_model_writes_and_reads_the_same_files(checkpoints, tmp_path):
 def test_a_scanned_run_has_the_metrics_of_an_unscanned_one(tmp_path, overrides):
   records = []
   for scan in (False, True):
-    # Two devices (FSDP 2): XLA CPU runs each fake device on a thread of one pool, and with
-    # eight on two cores a scanned step once waited past its 40 s collective timeout when
-    # the machine was loaded.
-    cfg = tiny_config(**{"train.num_steps": 2, "model.demo.num_layers": 3, "mesh.shape": (1, 2, 1),
+    cfg = tiny_config(**{"train.num_steps": 2, "model.demo.num_layers": 3,
                          "rewards": "tests.test_mesh:digit_share", "train.learning_rate": 1e-2,
                          "model.scan_layers": scan, **overrides})
     main_lib.run(cfg, str(tmp_path / str(scan)))
