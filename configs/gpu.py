@@ -18,9 +18,12 @@ Figures: the compiler's estimates per GPU of the 59.33 GiB XLA's allocator takes
 weights in the loops, nothing being split over chips).
 
 1.5b (Qwen2.5-1.5B class), one H100 and up: B * G = 128 rows, 4 micro-batches of 32.
-  H100X1_15B
-1.5b,long: 8,192 new tokens, B 4 x G 8. H100X1_LONG
-7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. H100X8_7B
+  h100x1 (model=Qwen2.5-1.5B): train step 46.96 GiB (21% free), init 28.75, evaluation
+  sampler 16.41. With 2 micro-batches (the config until 2026-11-29) the step needed 60.15.
+1.5b,long: 8,192 new tokens, B 4 x G 8. Not compiled yet: check it with `--config=configs/
+  gpu.py:long,model=Qwen2.5-1.5B,data=unused.jsonl --topology=h100x1`.
+7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. h100x8
+  (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26.
 7b,lora (Llama-3.1-8B or Qwen2.5-7B, rank 64), one H100, 16 micro-batches of 8 rows. h100x1
   (model=Llama-3.1-8B): train step 52.17 GiB (12% free), init 32.42, evaluation sampler 36.65.
   Before scanning, with 4 micro-batches and evaluation on 128 prompts (64 a call), the compiler gave the

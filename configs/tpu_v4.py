@@ -7,23 +7,17 @@
 launch/tpu_vm.sh runs it on every host of a slice. Arguments as configs/hf.py's, optionally
 led by the model size (what the memory holds: configs/accelerators.py).
 
-1.5b (Qwen2.5-1.5B class), v4-8 and larger, FSDP over every chip, 4 micro-batches. Not yet
-  checked in full by `python -m grpo_jax.aot --config=configs/tpu_v4.py:model=Qwen2.5-1.5B,
-  data=unused.jsonl --topology=v4-8`: its 2026-11-29 run was killed for want of host memory
-  on a shared machine after the train step had compiled. A throwaway compile of the same
-  settings that day (jax 0.10.2, libtpu 0.0.42.1; XLA attention, before the log-prob passes
-  kept each chip's rows) gave the step a peak of 20.9 GiB of the 30.75 GiB usable (68%).
-7b (Qwen2.5-7B class), v4-32 (16 chips; v4-16 at a pinch), FSDP x tensor 4. Not yet compiled;
-  by hand, per chip on 16:
-  121.8 GB / 16 = 7.6 GB, plus gradients 60.9 GB / 16 = 3.8 GB and 256 / 8 / 4 = 8 rows of
-  activations (8 * 0.21 = 1.6 GB + one block's heads / 4): about 14 GB. Rollout: 7.6 GB +
-  15.2 GB / 4 = 3.8 GB of weights + 64 rows of KV cache / 4 (0.9 GB): about 12 GB.
-7b,lora (Qwen2.5-7B, rank 64), v4-8 (4 chips, FSDP 1 x tensor 4), estimates by arithmetic. Per
-  chip: base 15.2 GB / 4 = 3.8 GB, adapters and moments 1.9 GB / 4 = 0.5 GB (or all of an
-  adapter not split by tensor: at most 1.9 GB). Update: gradients 1.3 GB and 256 / 8 = 32 rows:
-  32 * 0.21 = 6.7 GB of block inputs and 3 * 32 * 0.12 / 4 = 2.9 GB for one block's attention:
-  about 17 GB. Rollout: 5.7 GB + 3.8 GB of weights (already whole over FSDP 1) + the merged
-  copy 3.8 GB + 256 rows of KV cache / 4 (3.8 GB): about 17 GB of the 32 GiB.
+Figures: the compiler's estimates per chip of the 30.75 GiB libtpu lets a program use, from
+`python -m grpo_jax.aot --config=configs/tpu_v4.py:[ARGS,]model=NAME,data=unused.jsonl
+--topology=SLICE --noroofline` (2026-11-29, jax 0.10.2, libtpu 0.0.42.1), layers scanned.
+
+1.5b (Qwen2.5-1.5B class), v4-8 and larger, FSDP over every chip, 4 micro-batches. v4-8
+  (model=Qwen2.5-1.5B): train step 14.01 GiB (54% free), init 7.31, evaluation sampler 7.24.
+7b (Qwen2.5-7B class), v4-32 (16 chips), FSDP x tensor 4. Not compiled yet: check it with
+  `--config=configs/tpu_v4.py:7b,model=Qwen2.5-7B,data=unused.jsonl --topology=v4-32`.
+7b,lora (Qwen2.5-7B, rank 64), v4-8 (4 chips, FSDP 1 x tensor 4), 16 micro-batches. Not
+  compiled yet: `--config=configs/tpu_v4.py:7b,lora,model=Qwen2.5-7B,data=unused.jsonl
+  --topology=v4-8` (the v5e-8 variant, FSDP 2 x tensor 4 on half this HBM: 10.70 GiB).
 """
 
 import ml_collections

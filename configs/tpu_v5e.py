@@ -17,10 +17,16 @@ leaves (the tool wants 10%).
   5.42. Unrolled (before model.scan_layers) the step needed 13.87 GiB.
 1.5b,long: 8,192 new tokens, B 8 x G 8. v5e-8: train step 10.82 GiB (31% free), init 3.71,
   evaluation sampler 5.22.
-0.5b (Qwen2.5-0.5B class), v5litepod-4. V5E4_05B
+0.5b (Qwen2.5-0.5B class), v5litepod-4, FSDP over every chip, 4 micro-batches. v5e-4
+  (model=Qwen2.5-0.5B): train step 5.49 GiB (65% free), init 2.43, evaluation sampler 2.31
+  (unrolled, before this session's changes: 7.75).
 gemma3-1b (Gemma 3 1B: 26 layers, 5 sliding to 1 full, scanned as 7 blocks), v5litepod-8,
-  FSDP over every chip, 4 micro-batches. v5e-8 (model=gemma-3-1b-it): GEMMA_FIGURES
-7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4; evaluation on 16 prompts. V5E32_7B
+  FSDP over every chip, 4 micro-batches. v5e-8 (model=gemma-3-1b-it): train step 7.05 GiB
+  (55% free), init 2.43, evaluation sampler 4.20. Unrolled, its step had not finished
+  compiling after 35 minutes on a 2-core CPU; scanned, 329 s.
+7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4; evaluation on 16 prompts. Not
+  compiled yet: check it with `--config=configs/tpu_v5e.py:7b,model=Qwen2.5-7B,data=unused.jsonl
+  --topology=v5e-32` (and `7b,long` likewise).
 7b,lora (Qwen2.5-7B, rank 64), v5litepod-8: FSDP 2 x tensor 4, 16 micro-batches. v5e-8
   (model=Qwen2.5-7B): train step 10.70 GiB (32% free), init 4.42, evaluation sampler 8.38.
   With 8 micro-batches, unrolled, the compiler refused the step (16.30 GiB); a full
