@@ -20,8 +20,11 @@ weights in the loops, nothing being split over chips).
 1.5b (Qwen2.5-1.5B class), one H100 and up: B * G = 128 rows, 4 micro-batches of 32.
   h100x1 (model=Qwen2.5-1.5B): train step 46.96 GiB (21% free), init 28.75, evaluation
   sampler 16.41. With 2 micro-batches (the config until 2026-11-29) the step needed 60.15.
-1.5b,long: 8,192 new tokens, B 4 x G 8. Not compiled yet: check it with `--config=configs/
-  gpu.py:long,model=Qwen2.5-1.5B,data=unused.jsonl --topology=h100x1`.
+1.5b,long: 8,192 new tokens, B 4 x G 8. Does NOT fit one H100: the compiler gives its step
+  64.36 GiB (h100x1, model=Qwen2.5-1.5B; the largest buffers are per-layer blockwise-attention
+  outputs the remat keeps, 10.12 GiB, and the layers' inputs, 5.06 GiB, at 8 rows a
+  micro-batch). Fewer rows a micro-batch would fit one GPU but not split over 8; run it on
+  h100x8 (not compiled yet: `--topology=h100x8`) or check a setting with the tool first.
 7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. h100x8
   (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26.
 7b,lora (Llama-3.1-8B or Qwen2.5-7B, rank 64), one H100, 16 micro-batches of 8 rows. h100x1
