@@ -44,15 +44,7 @@ SAME_ATOL = 2e-5  # scanned against unscanned: the same float32 ops, another sch
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-  made = {}
-
-  def get(name):
-    if name not in made:
-      family, kwargs = CASES[name]
-      made[name] = tiny_hf.make_checkpoint(family, tmp_path_factory.mktemp(name), **kwargs)
-    return made[name]
-
-  return get
+  return tiny_hf.checkpoint_maker(CASES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("kinds, want", [

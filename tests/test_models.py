@@ -51,15 +51,7 @@ BF16_MEAN_ATOL = 0.05
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """Case name -> checkpoint dir, built on first use."""
-  made = {}
-
-  def get(name):
-    if name not in made:
-      family, kwargs = CASES[name]
-      made[name] = tiny_hf.make_checkpoint(family, tmp_path_factory.mktemp(name), **kwargs)
-    return made[name]
-
-  return get
+  return tiny_hf.checkpoint_maker(CASES, tmp_path_factory)
 
 
 def _batch(vocab_size, b=3, t=12, pads=(0, 4, 9), seed=0):

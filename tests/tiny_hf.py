@@ -101,6 +101,20 @@ def make_tokenizer(directory: str | pathlib.Path, *, vocab_size: int = 384, gemm
   return fast
 
 
+def checkpoint_maker(cases: dict, tmp_path_factory):
+  """name -> checkpoint dir of cases[name] = (family, make_checkpoint's kwargs), each built on
+  first use (for a module-scoped fixture)."""
+  made = {}
+
+  def get(name):
+    if name not in made:
+      family, kwargs = cases[name]
+      made[name] = make_checkpoint(family, tmp_path_factory.mktemp(name), **kwargs)
+    return made[name]
+
+  return get
+
+
 def make_checkpoint(family: str, directory: str | pathlib.Path, *, vocab_size: int | None = None,
                     hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False,
                     seed: int = 0, **overrides) -> pathlib.Path:

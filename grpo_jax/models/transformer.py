@@ -327,6 +327,7 @@ class Transformer(nnx.Module):
       raise ValueError("a scanned model does not decode: sample with layer_scan.unscanned(model)")
     graphdef, state = nnx.split(self.layers)
     kinds = [config.layer_type(i) for i in range(config.num_layers)]
+    layers = jnp.arange(config.num_layers, dtype=jnp.int32)  # each step's layer ids (dropout)
     new_k, new_v = [], []
     for start, period, reps in layer_scan.runs(kinds):
 
@@ -345,7 +346,6 @@ class Transformer(nnx.Module):
             v_out.append(one.v[0])
         return x, (None if cache is None else (jnp.stack(k_out), jnp.stack(v_out)))
 
-      layers = jnp.arange(config.num_layers, dtype=jnp.int32)
       xs = layer_scan.run_slices(
           (state, layers, None if cache is None else cache.k, None if cache is None else cache.v),
           start, period, reps)
