@@ -1,6 +1,11 @@
 """models.attention: every implementation against the einsum form, values and gradients."""
 
 import dataclasses
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +247,55 @@ def test_splash_runs_per_shard_under_a_mesh():
   want = attention.attend(q, k, v, key_valid_bs=valid, query_offset=offset, impl="xla")
   seen = _seen(valid, offset, q.shape[1])
   _close(got * seen, want * seen, 1e-5)
+
+
+# Compiled for one H100 by the CUDA plugin (no GPU needed): the gradient of L unrolled,
+# rematerialised layers of blockwise attention after a prompt (query_offset > 0, as the
+# training pass runs it); prints the step's temporary bytes at L = 2 and L = 6.
+_H100_LAYERS = """
+import json
+from grpo_jax import aot_targets
+s = aot_targets.parse_topology("h100x1")
+aot_targets.prepare_environment(s)
+import jax, jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
+from grpo_jax.models import attention
+device = aot_targets.compile_devices(s)[0]
+B, P, T, H, HKV, K, D = 4, 64, 2048, 4, 2, 128, 512
+
+def layer(x, w, prompt_kv):
+  q = (x @ w[0]).reshape(B, T, H, K)
+  kv = [jnp.concatenate([prompt_kv, (x @ w[i]).reshape(B, T, HKV, K).transpose(0, 2, 1, 3)], 2)
+        for i in (1, 2)]
+  out = attention.attend(q, *kv, key_valid_bs=jnp.ones((B, P + T), bool), query_offset=P,
+                         impl="blockwise")
+  return x + out.reshape(B, T, H * K) @ w[0].T
+
+def loss(ws, x, prompt_kv):
+  for w in ws:
+    x = jax.checkpoint(layer)(x, w, prompt_kv)
+  return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+def temp_bytes(num_layers):
+  arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16,
+                                            sharding=SingleDeviceSharding(device))
+  ws = [[arg(D, H * K), arg(D, HKV * K), arg(D, HKV * K)] for _ in range(num_layers)]
+  compiled = jax.jit(jax.grad(loss)).lower(ws, arg(B, T, D), arg(B, HKV, P, K)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+print(json.dumps([temp_bytes(2), temp_bytes(6), B * T * D * 2]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                    reason="jax-cuda12-plugin is not installed (pip install -e \".[aot]\")")
+def test_rematerialised_layers_keep_one_layers_attention_buffers_at_a_time():
+  """XLA once placed the zero-filled buffers of every layer's query-block loops before the
+  first layer (their values are constants), so the backward held them all: 51 MB more per
+  layer here (float32 dq and the output blocks) where only the layer's input, 8 MB, should
+  stay. Compiled for an H100, where it cost the 1.5B long-CoT step 15 GiB."""
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  out = subprocess.run([sys.executable, "-c", _H100_LAYERS], cwd=repo, capture_output=True,
+                       text=True, check=True)
+  two, six, layer_input = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (six - two) / 4 < 1.5 * layer_input, (two, six, layer_input)
