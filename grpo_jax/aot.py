@@ -14,6 +14,9 @@ reported per chip (aot_report.py); with the compiler's cost analysis (TPU) also 
 estimate of one step, from the step's phases compiled on their own: sampling once plus one
 decode iteration for each further token, the old / reference log-prob passes, and each
 update's first micro-batch with its optimizer step plus the other micro-batches' gradients.
+The phases are compiled on models of one and two layers of each layer kind (unrolled) and
+extrapolated to the model's depth: XLA's cost analysis counts a loop body once, and a
+full-depth unrolled phase takes tens of minutes to compile.
 
 Exit 0: every program fits with --headroom of the HBM free; 1: one does not (one `error:`
 line naming it, its bytes, the HBM and its largest buffers); 2: a user error.
@@ -26,6 +29,7 @@ stand-in traced into the step (StandInReward: [R] and [F, R] floats, as the call
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import gc
@@ -325,15 +329,19 @@ class Plan:
     kv = _chip_bytes((state.cache.k, state.cache.v))
     return _chip_bytes(weights) + kv * (t + n / 2) / (t + n)
 
-  def roofline(self, dump_root: str) -> dict[str, Any] | None:
-    """The roofline estimate of one step from its phases (None when the compiler gives no
-    cost analysis or refuses a phase)."""
+  def compiled_phases(self, dump_root: str) -> list[aot_report.Phase] | None:
+    """phase_programs compiled, with their costs (None when the compiler gives no cost
+    analysis)."""
     phases = []
     for name, jitted, args, static, count in self.phase_programs():
       program = _announce(compile_program(f"phase_{name}", jitted, args, dump_root, static))
       if program.flops is None or program.bytes_accessed is None:
         return None
       phases.append(aot_report.Phase(name, program.flops, program.bytes_accessed, count))
+    return phases
+
+  def roofline(self, phases: list[aot_report.Phase]) -> dict[str, Any]:
+    """The roofline estimate of one step from its phases' costs."""
     g, n = self.cfg.grpo.num_generations, self.setup.settings.sampling.max_new_tokens
     decode = next(p for p in phases if p.name == "decode")
     return aot_report.roofline(phases, self.slice.chip, chips=self.slice.chips,
@@ -341,17 +349,31 @@ class Plan:
                                decode=decode, decode_min_bytes=self.decode_min_bytes())
 
 
-def _unrolled(plan: Plan, devices) -> Plan:
-  """The plan itself, or for a config that scans its layers (model.scan_layers) the same
-  config with them unrolled: XLA's cost analysis counts a loop body once, so the roofline's
-  phases of a scanned step would count one layer."""
-  if not plan.cfg.model.scan_layers:
-    return plan
+def layer_phases(plan: Plan, devices, dump_root: str) -> list[aot_report.Phase] | None:
+  """The costs of the plan's step phases at its L layers, extrapolated from the phases
+  compiled on models of one and two layers of each kind it has, unrolled
+  (aot_report.extrapolated_phases); None when the compiler gives no cost analysis."""
+  mc = plan.model_config
+  kinds = [mc.layer_type(i) for i in range(mc.num_layers)]
+  compiled = {}
+  for kind in dict.fromkeys(kinds):
+    one, two = (_at_depth(plan, devices, (kind,) * depth).compiled_phases(dump_root)
+                for depth in (1, 2))
+    if one is None or two is None:
+      return None
+    compiled[kind] = (one, two)
+  return aot_report.extrapolated_phases(compiled, collections.Counter(kinds))
+
+
+def _at_depth(plan: Plan, devices, layer_types: tuple[str, ...]) -> Plan:
+  """The plan's config on a model of len(layer_types) layers of those kinds, the layers
+  unrolled."""
   cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model,
                                                                 scan_layers=False))
-  mc = plan.model_config
+  mc = dataclasses.replace(plan.model_config, num_layers=len(layer_types), scan_layers=False,
+                           layer_types=layer_types if plan.model_config.layer_types else ())
   setup = builder.train_setup(cfg, mc, builder.sampling_settings(cfg, None, mc), devices)
-  return dataclasses.replace(plan, cfg=cfg, setup=setup)
+  return dataclasses.replace(plan, cfg=cfg, setup=setup, model_config=mc)
 
 
 def _announce(program: aot_report.Program) -> aot_report.Program:
@@ -397,8 +419,9 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
     line = aot_report.error_line(target, hbm, headroom, programs)
     costed = next(p for p in programs if p.name == "train_step").flops is not None
     lora = cfg.model.lora.rank > 0  # its rollout merges the adapters: not in decode_program
-    roof = (_unrolled(plan, devices).roofline(dump) if with_roofline and costed and not lora
-            and line is None else None)
+    phases = (layer_phases(plan, devices, dump) if with_roofline and costed and not lora
+              and line is None else None)
+    roof = plan.roofline(phases) if phases else None
   out = aot_report.report(target, hbm, headroom, programs, roof)
   out["model"] = {"path": cfg.model.path or "demo", "params": _param_count(setup),
                   "layers": mc.num_layers, "hidden_size": mc.hidden_size,
@@ -412,9 +435,10 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
     out["notes"].append("no roofline estimate: " + (
         "--noroofline" if not with_roofline else "a program does not fit" if line
         else "not yet for LoRA" if lora else "the compiler gives no cost analysis here"))
-  elif cfg.model.scan_layers:
-    out["notes"].append("the roofline's phases were compiled with the layers unrolled (XLA's "
-                        "cost analysis counts a loop body once)")
+  else:
+    out["notes"].append(f"the roofline's phases were compiled with one and two layers of each "
+                        f"kind, unrolled, and extrapolated to {mc.num_layers} (XLA's cost "
+                        f"analysis counts a loop body once)")
   print(aot_report.format_report(out))
   if out_path:
     with open(out_path, "w") as f:

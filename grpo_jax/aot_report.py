@@ -18,7 +18,7 @@ import dataclasses
 import math
 import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from grpo_jax import aot_targets
 
@@ -218,6 +218,29 @@ class Phase:
   flops: float
   bytes_accessed: float
   count: int = 1
+
+
+def extrapolated_phases(compiled: Mapping[str, tuple[Sequence[Phase], Sequence[Phase]]],
+                        layers: Mapping[str, int]) -> list[Phase]:
+  """The phases of a model with layers[kind] layers of each kind, from the same phases
+  compiled on models of one and of two layers of each kind (compiled[kind] = (one, two)).
+
+  Per phase and per cost: a layer of a kind costs two - one, the rest of the model (embedding,
+  unembedding, optimizer, sampling outside the layers) one - (a layer of the first kind), and
+  the model the rest plus each of its layers. A loop over layers counts once in XLA's cost
+  analysis, and a 28-layer phase compiled unrolled takes tens of minutes; this takes two
+  compiles of one or two layers per kind.
+  """
+  kinds = list(compiled)
+  first_one = compiled[kinds[0]][0]
+
+  def total(i: int, field: str) -> float:
+    cost = lambda kind, depth: getattr(compiled[kind][depth][i], field)
+    layer = {kind: cost(kind, 1) - cost(kind, 0) for kind in kinds}
+    return cost(kinds[0], 0) - layer[kinds[0]] + sum(layers[k] * layer[k] for k in kinds)
+
+  return [Phase(phase.name, total(i, "flops"), total(i, "bytes_accessed"), phase.count)
+          for i, phase in enumerate(first_one)]
 
 
 def roofline(phases: Sequence[Phase], chip: aot_targets.Chip, *, chips: int,

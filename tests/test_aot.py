@@ -139,8 +139,9 @@ def test_a_small_model_fits_a_v5e_8_with_a_roofline_estimate(compile_small):
   # One decode iteration reads its chip's weights and KV cache at least once.
   assert roof["decode_bytes_per_token"] >= roof["decode_min_bytes_per_token"] > 0
   assert "(compiler estimates)" in stdout and "roofline estimate" in stdout
-  # The step scans its layers; the roofline's phases compile unrolled to count them all.
-  assert any("layers unrolled" in note for note in report["notes"]), report["notes"]
+  # The step scans its layers; the roofline's phases compile unrolled at one and two layers.
+  assert any("one and two layers of each kind, unrolled, and extrapolated to 2" in note
+             for note in report["notes"]), report["notes"]
 
 
 @needs_libtpu

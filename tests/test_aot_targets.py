@@ -150,6 +150,25 @@ def _programs():
   ]
 
 
+def test_phases_extrapolate_from_one_and_two_layers_of_each_kind():
+  """A model of 3 full and 2 sliding layers: a full layer costs (10 flops, 100 bytes), a
+  sliding one (4, 40), the rest (7, 70); the phases compiled at one and two layers of each
+  kind give back the five-layer model's costs."""
+  layer = {"full": (10.0, 100.0), "sliding": (4.0, 40.0)}
+  rest = (7.0, 70.0)
+
+  def compiled(kind, depth):
+    return [aot_report.Phase(name, rest[0] + depth * layer[kind][0],
+                             rest[1] + depth * layer[kind][1], count)
+            for name, count in (("rollout", 1), ("decode", 63))]
+
+  phases = aot_report.extrapolated_phases(
+      {kind: (compiled(kind, 1), compiled(kind, 2)) for kind in layer}, {"full": 3, "sliding": 2})
+  assert [(p.name, p.count) for p in phases] == [("rollout", 1), ("decode", 63)]
+  for p in phases:
+    assert (p.flops, p.bytes_accessed) == (7 + 3 * 10 + 2 * 4, 70 + 3 * 100 + 2 * 40)
+
+
 def test_report_has_the_keys_design_md_fixes():
   s = aot_targets.parse_topology("v5e-8")
   decode = aot_report.Phase("decode", 1e9, 2e9, 10)
