@@ -15,20 +15,23 @@ Figures: the compiler's estimates per GPU of the 59.33 GiB XLA's allocator takes
 --topology=h100x1|h100x8 --noroofline` (2026-11-29, jax 0.10.2, jax-cuda12-plugin 0.10.2);
 "free" is what the train step leaves (the tool wants 10%). The 7b sizes scan their layers;
 1.5b does not (on one H100 its step needs 59.70 GiB scanned: float32 copies of the stacked
-weights in the loops, nothing being split over chips).
+weights in the loops, nothing being split over chips). Figures from 2026-11-30 are after the
+blockwise attention's loop buffers stopped being made before the first layer (they had been
+all live at once in the backward: 1.5b 46.96 -> 36.49 GiB, long 64.36 -> 48.25).
 
 1.5b (Qwen2.5-1.5B class), one H100 and up: B * G = 128 rows, 4 micro-batches of 32.
-  h100x1 (model=Qwen2.5-1.5B): train step 46.96 GiB (21% free), init 28.75, evaluation
-  sampler 16.41. With 2 micro-batches (the config until 2026-11-29) the step needed 60.15.
-1.5b,long: 8,192 new tokens, B 4 x G 8. Does NOT fit one H100: the compiler gives its step
-  64.36 GiB (h100x1, model=Qwen2.5-1.5B; the largest buffers are per-layer blockwise-attention
-  outputs the remat keeps, 10.12 GiB, and the layers' inputs, 5.06 GiB, at 8 rows a
-  micro-batch). Fewer rows a micro-batch would fit one GPU but not split over 8; run it on
-  h100x8 (not compiled yet: `--topology=h100x8`) or check a setting with the tool first.
+  h100x1 (model=Qwen2.5-1.5B): train step 36.49 GiB (38% free), init 28.75, evaluation
+  sampler 16.41 (2026-11-30). With 2 micro-batches the step needs 40.98 GiB (it did not fit
+  before 2026-11-30: 60.15); 4 keep room for the long variant, which shares them.
+1.5b,long: 8,192 new tokens, B 4 x G 8, micro-batches of 8 rows. h100x1 (model=Qwen2.5-1.5B):
+  train step 48.25 GiB (19% free), init 28.75, evaluation sampler 15.87; h100x8: train step
+  22.79 GiB (62% free), init 3.60, evaluation sampler 4.50 (2026-11-30).
 7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. h100x8
-  (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26.
+  (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26
+  (the same on 2026-11-30).
 7b,lora (Llama-3.1-8B or Qwen2.5-7B, rank 64), one H100, 16 micro-batches of 8 rows. h100x1
-  (model=Llama-3.1-8B): train step 52.17 GiB (12% free), init 32.42, evaluation sampler 36.65.
+  (model=Llama-3.1-8B): train step 52.17 GiB (12% free), init 32.42, evaluation sampler 36.65
+  (the same on 2026-11-30).
   Before scanning, with 4 micro-batches and evaluation on 128 prompts (64 a call), the compiler gave the
   step 89.15 GiB and the evaluation sampler 60.84; with 16 micro-batches, 60.92 (unrolled).
 """
