@@ -26,7 +26,8 @@ gemma3-1b (Gemma 3 1B: 26 layers, 5 sliding to 1 full, scanned as 7 blocks), v5l
   compiling after 35 minutes on a 2-core CPU; scanned, 329 s.
 7b (Qwen2.5-7B class), v5litepod-32, FSDP 8 x tensor 4; evaluation on 16 prompts. v5e-32
   (model=Qwen2.5-7B): train step 10.69 GiB (32% free), init 4.54, evaluation sampler 5.71.
-  7b,long: not compiled yet (`--config=configs/tpu_v5e.py:7b,long,... --topology=v5e-32`).
+  7b,long (4,096 new tokens, B 8 x G 8): v5e-32 train step 10.67 GiB (32% free), init 4.54,
+  evaluation sampler 5.84 (2026-11-30).
 7b,lora (Qwen2.5-7B, rank 64), v5litepod-8: FSDP 2 x tensor 4, 16 micro-batches. v5e-8
   (model=Qwen2.5-7B): train step 10.70 GiB (32% free), init 4.42, evaluation sampler 8.38.
   With 8 micro-batches, unrolled, the compiler refused the step (16.30 GiB); a full

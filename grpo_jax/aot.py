@@ -24,7 +24,7 @@ line naming it, its bytes, the HBM and its largest buffers); 2: a user error.
 Compile-only differences from a run, none of which changes the memory materially: the
 prompts are padded to data.max_prompt_len (the largest bucket); on GPU targets, whose
 compile-only client cannot lower host callbacks, the reward callback is replaced by a jnp
-stand-in traced into the step (StandInReward: [R] and [F, R] floats, as the callback's).
+stand-in traced into the step (aot_rewards.StandInReward: [R] and [F, R] floats, as the callback's).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from grpo_jax import aot_targets
 with aot_targets.startup_noise_hidden():  # the CUDA plugin logs when jax is first imported
   import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grpo_jax import aot_report
+from grpo_jax import aot_rewards
 from grpo_jax import builder
 from grpo_jax import cli
 from grpo_jax import config as config_lib
@@ -62,11 +62,11 @@ from grpo_jax import models
 from grpo_jax import optimizer as optimizer_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax import sampler as sampler_lib
-from grpo_jax import scoring
 from grpo_jax import sft as sft_lib
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError, exit_on_user_error
-from grpo_jax.models import checkpoint_io, published
+from grpo_jax.models import attention, checkpoint_io, published
+from grpo_jax.models import config as model_config_lib
 
 
 def _define_flags() -> None:
@@ -79,7 +79,7 @@ def _define_flags() -> None:
                     "estimate (TPU; --noroofline: memory only, in about half the time).")
 
 
-# -- the model's shape and the reward stand-ins ------------------------------------------------
+# -- the model's shape -------------------------------------------------------------------------
 
 
 def model_config(cfg: config_lib.Config, backend: str):
@@ -94,54 +94,6 @@ def model_config(cfg: config_lib.Config, backend: str):
   return models.ModelConfig.from_hf(hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                     remat=cfg.model.remat,
                                     attention=builder.attention_impl(cfg, backend))
-
-
-@dataclasses.dataclass(frozen=True)
-class StandInReward:
-  """The reward callback's compile-only stand-in, traced into the step (train_step.score):
-  each completion scores the share of its tokens that are even, so that the rewards depend
-  on the sampled tokens as the real ones do and nothing after them folds away."""
-
-  num_rewards: int  # F
-  step_slots: int  # S, process supervision (0: none)
-  traceable = True
-
-  def __call__(self, row_ids, tokens, mask):
-
-    del row_ids
-    mask_rn = mask.astype(jnp.float32)
-    total_r = ((tokens % 2 == 0) * mask_rn).sum(-1) / jnp.maximum(mask_rn.sum(-1), 1.0)
-    r = total_r.shape[0]
-    rewards = scoring.Rewards(total=total_r,
-                              per_fn=jnp.broadcast_to(total_r, (self.num_rewards, r)),
-                              failures=jnp.zeros((), jnp.int32), seconds=jnp.zeros((), jnp.float32))
-    if self.step_slots:
-      last_r1 = mask.sum(-1, keepdims=True).astype(jnp.int32) - 1
-      rewards = rewards.replace(
-          step_rewards=jnp.broadcast_to(total_r[:, None], (r, self.step_slots)),
-          step_ends=jnp.broadcast_to(last_r1, (r, self.step_slots)),
-          steps_truncated=jnp.zeros((r,), jnp.int32))
-    return rewards
-
-
-@dataclasses.dataclass(frozen=True)
-class HostReward:
-  """A host callback of the reward callback's shapes, for targets that lower host callbacks
-  (TPU): the step compiles with its io_callback as a run's does; never called."""
-
-  num_rewards: int
-  step_slots: int
-
-  def __call__(self, row_ids, tokens, mask):
-
-    del row_ids, mask
-    r, slots = tokens.shape[0], self.step_slots
-    steps = {} if not slots else dict(
-        step_rewards=np.zeros((r, slots), np.float32), step_ends=np.zeros((r, slots), np.int32),
-        steps_truncated=np.zeros((r,), np.int32))
-    return scoring.Rewards(total=np.zeros((r,), np.float32),
-                           per_fn=np.zeros((self.num_rewards, r), np.float32),
-                           failures=np.int32(0), seconds=np.float32(0), **steps)
 
 
 # -- compiling ---------------------------------------------------------------------------------
@@ -321,13 +273,35 @@ class Plan:
                    donate_argnums=(1,))
     return step, (weights, state)
 
+  def decode_chip_bytes(self) -> tuple[int, int]:
+    """(rollout weights, full KV cache of its rows) bytes on a chip, as decode_program has
+    them."""
+    _, (weights, state) = self.decode_program()
+    return _chip_bytes(weights), _chip_bytes((state.cache.k, state.cache.v))
+
   def decode_min_bytes(self) -> float:
     """What one decode iteration must read on a chip at least: its rollout weights and its
     rows' keys and values, the cache filled to T + N / 2 slots (the mean over the decode)."""
-    _, (weights, state) = self.decode_program()
+    weights, kv = self.decode_chip_bytes()
     t, n = self.cfg.data.max_prompt_len, self.setup.settings.sampling.max_new_tokens
-    kv = _chip_bytes((state.cache.k, state.cache.v))
-    return _chip_bytes(weights) + kv * (t + n / 2) / (t + n)
+    return weights + kv * (t + n / 2) / (t + n)
+
+  def decode_block_bytes(self, dump_root: str) -> float | None:
+    """What one more key block adds to a decode iteration on a chip, per layer: the decode
+    attention (attention.decode_attend) of the chip's rows over a cache of one block,
+    compiled on its own (the decode loop over blocks counts once in XLA's cost analysis)."""
+    mc, rows = self.model_config, self.setup.layout.rows
+    r = self.cfg.sampled_prompts_per_step * self.cfg.grpo.num_generations
+    block = attention.DECODE_BLOCK_KV
+    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+    kv = arg((r, mc.num_kv_heads, block, mc.head_dim), mc.compute_dtype)
+    attend = jax.jit(lambda q, k, v, valid, slot: attention.decode_attend(
+        q, k, v, key_valid_bs=valid, query_offset=slot))
+    program = _announce(compile_program(
+        "decode_block", attend, (arg((r, 1, mc.num_heads, mc.head_dim), mc.compute_dtype), kv,
+                                 kv, arg((r, block), bool), self.replicated((), jnp.int32)),
+        dump_root))
+    return program.bytes_accessed
 
   def compiled_phases(self, dump_root: str) -> list[aot_report.Phase] | None:
     """phase_programs compiled, with their costs (None when the compiler gives no cost
@@ -340,13 +314,24 @@ class Plan:
       phases.append(aot_report.Phase(name, program.flops, program.bytes_accessed, count))
     return phases
 
-  def roofline(self, phases: list[aot_report.Phase]) -> dict[str, Any]:
-    """The roofline estimate of one step from its phases' costs."""
+  def roofline(self, phases: list[aot_report.Phase], dump_root: str) -> dict[str, Any]:
+    """The roofline estimate of one step from its phases' costs, with the decode's bytes at
+    aot_report.FILLS of the cache."""
     g, n = self.cfg.grpo.num_generations, self.setup.settings.sampling.max_new_tokens
     decode = next(p for p in phases if p.name == "decode")
-    return aot_report.roofline(phases, self.slice.chip, chips=self.slice.chips,
+    roof = aot_report.roofline(phases, self.slice.chip, chips=self.slice.chips,
                                generated_tokens=self.cfg.sampled_prompts_per_step * g * n,
                                decode=decode, decode_min_bytes=self.decode_min_bytes())
+    block_bytes = self.decode_block_bytes(dump_root)
+    if block_bytes is not None:
+      mc = self.model_config
+      weights, kv = self.decode_chip_bytes()
+      windows = [mc.sliding_window if mc.layer_type(i) == model_config_lib.SLIDING else None
+                 for i in range(mc.num_layers)]
+      roof["decode_by_fill"] = aot_report.decode_by_fill(
+          decode, block_bytes, slots=self.cfg.data.max_prompt_len + n,
+          block=attention.DECODE_BLOCK_KV, windows=windows, weight_bytes=weights, kv_bytes=kv)
+    return roof
 
 
 def layer_phases(plan: Plan, devices, dump_root: str) -> list[aot_report.Phase] | None:
@@ -407,7 +392,7 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
   cfg = config_lib.freeze(config, num_devices=target.chips)
   mc = model_config(cfg, "tpu" if target.platform == "tpu" else "gpu")
   names = tuple(spec.name for spec in rewards_lib.parse_spec(cfg.rewards))
-  reward = (HostReward if target.platform == "tpu" else StandInReward)(len(names),
+  reward = (aot_rewards.HostReward if target.platform == "tpu" else aot_rewards.StandInReward)(len(names),
                                                                         cfg.grpo.step_slots)
   setup = builder.train_setup(cfg, mc, builder.sampling_settings(cfg, None, mc), devices)
   plan = Plan(cfg=cfg, slice=target, setup=setup, model_config=mc, reward_fn=reward,
@@ -421,14 +406,14 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
     lora = cfg.model.lora.rank > 0  # its rollout merges the adapters: not in decode_program
     phases = (layer_phases(plan, devices, dump) if with_roofline and costed and not lora
               and line is None else None)
-    roof = plan.roofline(phases) if phases else None
+    roof = plan.roofline(phases, dump) if phases else None
   out = aot_report.report(target, hbm, headroom, programs, roof)
   out["model"] = {"path": cfg.model.path or "demo", "params": _param_count(setup),
                   "layers": mc.num_layers, "hidden_size": mc.hidden_size,
                   "attention": mc.attention}
   out["software"] = _versions()
   out["notes"] = []
-  if isinstance(reward, StandInReward):
+  if isinstance(reward, aot_rewards.StandInReward):
     out["notes"].append("the reward callback is a jnp stand-in traced into the step (this "
                         "compile-only target cannot lower host callbacks)")
   if roof is None:

@@ -270,6 +270,41 @@ def roofline(phases: Sequence[Phase], chip: aot_targets.Chip, *, chips: int,
   }
 
 
+FILLS = (0.1, 0.5, 0.9)  # decode_by_fill's shares of the cache's slots
+
+
+def decode_by_fill(decode: Phase, block_bytes: float, *, slots: int, block: int,
+                   windows: Sequence[int | None], weight_bytes: float,
+                   kv_bytes: float) -> list[dict[str, Any]]:
+  """What one decode iteration reads per chip when FILLS of the cache's slots are filled
+  (estimates).
+
+  decode: the decode phase, whose bytes count each layer's loop over key blocks once (one
+  block); block_bytes: what one block of one layer adds (decode attention over a cache of one
+  block, compiled on its own). At a fill, a layer reads the blocks up to the filled slot (a
+  sliding layer of window W at most ceil(W / block) + 1 of them); "every_slot" is what the
+  attention that read all slots of every layer read; "min" the chip's weights (weight_bytes)
+  and the filled share of its KV cache (kv_bytes full). windows: each layer's W or None.
+  """
+  ceil = lambda a, b: -(-a // b)
+  total = ceil(slots, block)
+
+  def blocks(filled: int, window: int | None) -> int:
+    return ceil(filled, block) if window is None else min(ceil(filled, block),
+                                                          ceil(window, block) + 1)
+
+  rows = []
+  for fill in FILLS:
+    filled = max(1, round(fill * slots))
+    extra = sum(blocks(filled, w) - 1 for w in windows)
+    rows.append({"fill": fill, "slots": filled,
+                 "bytes_per_token": decode.bytes_accessed + extra * block_bytes,
+                 "every_slot_bytes_per_token": (decode.bytes_accessed
+                                                + len(windows) * (total - 1) * block_bytes),
+                 "min_bytes_per_token": weight_bytes + kv_bytes * filled / slots})
+  return rows
+
+
 # -- the verdict, the JSON and the error line ------------------------------------------------
 
 
@@ -338,6 +373,14 @@ def format_report(out: dict[str, Any]) -> str:
                  f"{roof['tokens_per_s_per_chip']:.4g} generated tokens/s per chip; a decode "
                  f"step reads {roof['decode_bytes_per_token'] / 1e9:.3g} GB per chip, at least "
                  f"{roof['decode_min_bytes_per_token'] / 1e9:.3g} GB")
+    by_fill = roof.get("decode_by_fill")
+    if by_fill:
+      gb = lambda key: " / ".join(f"{row[key] / 1e9:.3g}" for row in by_fill)
+      shares = " / ".join(f"{row['fill']:.0%}" for row in by_fill)
+      lines.append(f"  decode at {shares} of the cache: {gb('bytes_per_token')} GB per chip "
+                   f"(reading every slot "
+                   f"{by_fill[0]['every_slot_bytes_per_token'] / 1e9:.3g}; at least "
+                   f"{gb('min_bytes_per_token')})")
     lines.append("  " + "; ".join(
         f"{name} {row['count']} x {row['s'] / row['count'] * 1e3:.3g} ms "
         f"({'memory' if row['memory_s'] >= row['compute_s'] else 'compute'} bound)"

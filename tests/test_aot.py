@@ -20,6 +20,7 @@ import pytest
 
 from configs import hf
 from grpo_jax import aot
+from grpo_jax import aot_rewards
 from grpo_jax import config as config_lib
 from grpo_jax import train_step as train_step_lib
 from grpo_jax.errors import UserError
@@ -63,11 +64,11 @@ def test_the_reward_stand_ins_have_the_callbacks_shapes(supervision):
       finished=jnp.ones((8,), bool))
   row_ids = jnp.arange(2, dtype=jnp.int32)
   shapes = []
-  for reward in (aot.StandInReward(3, slots), aot.HostReward(3, slots)):
+  for reward in (aot_rewards.StandInReward(3, slots), aot_rewards.HostReward(3, slots)):
     out = jax.jit(lambda r, ids: train_step_lib.score(reward, 3, ids, r, slots))(rollout, row_ids)
     shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), out))
   assert shapes[0] == shapes[1]
-  traced = train_step_lib.score(aot.StandInReward(3, slots), 3, row_ids, rollout, slots)
+  traced = train_step_lib.score(aot_rewards.StandInReward(3, slots), 3, row_ids, rollout, slots)
   np.testing.assert_allclose(traced.total, [0.5] * 8)  # every row: 3 even tokens of 6
 
 
@@ -138,6 +139,11 @@ def test_a_small_model_fits_a_v5e_8_with_a_roofline_estimate(compile_small):
   assert set(roof["phases"]) == {"rollout", "decode", "logps", "update"}  # beta 0.04: ref pass
   # One decode iteration reads its chip's weights and KV cache at least once.
   assert roof["decode_bytes_per_token"] >= roof["decode_min_bytes_per_token"] > 0
+  # T + N = 128 slots are one key block: at every fill the decode reads that block.
+  by_fill = roof["decode_by_fill"]
+  assert [row["slots"] for row in by_fill] == [13, 64, 115]
+  assert {row["bytes_per_token"] for row in by_fill} == {roof["decode_bytes_per_token"]}
+  assert by_fill[0]["min_bytes_per_token"] < by_fill[2]["min_bytes_per_token"]
   assert "(compiler estimates)" in stdout and "roofline estimate" in stdout
   # The step scans its layers; the roofline's phases compile unrolled at one and two layers.
   assert any("one and two layers of each kind, unrolled, and extrapolated to 2" in note

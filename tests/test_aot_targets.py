@@ -169,6 +169,21 @@ def test_phases_extrapolate_from_one_and_two_layers_of_each_kind():
     assert (p.flops, p.bytes_accessed) == (7 + 3 * 10 + 2 * 4, 70 + 3 * 100 + 2 * 40)
 
 
+def test_decode_reads_the_blocks_up_to_the_filled_slot():
+  """A cache of 1,000 slots in blocks of 100, two full layers and one sliding layer of window
+  150: at 10% one block each (what the decode phase counts), at 50% five (the sliding layer
+  three, its window's two plus one), at 90% nine; reading every slot is ten a layer."""
+  decode = aot_report.Phase("decode", 1.0, 50.0, 99)
+  rows = aot_report.decode_by_fill(decode, 2.0, slots=1000, block=100,
+                                   windows=[None, None, 150], weight_bytes=30.0, kv_bytes=20.0)
+  assert [row["fill"] for row in rows] == list(aot_report.FILLS)
+  assert [row["slots"] for row in rows] == [100, 500, 900]
+  assert [row["bytes_per_token"] for row in rows] == [50.0, 50 + (4 + 4 + 2) * 2.0,
+                                                      50 + (8 + 8 + 2) * 2.0]
+  assert {row["every_slot_bytes_per_token"] for row in rows} == {50 + 3 * 9 * 2.0}
+  assert [row["min_bytes_per_token"] for row in rows] == [32.0, 40.0, 48.0]
+
+
 def test_report_has_the_keys_design_md_fixes():
   s = aot_targets.parse_topology("v5e-8")
   decode = aot_report.Phase("decode", 1e9, 2e9, 10)
