@@ -315,22 +315,26 @@ class Plan:
     return phases
 
   def roofline(self, phases: list[aot_report.Phase], dump_root: str) -> dict[str, Any]:
-    """The roofline estimate of one step from its phases' costs, with the decode's bytes at
-    aot_report.FILLS of the cache."""
+    """The roofline estimate of one step from its phases' costs, each decode iteration's
+    bytes at its own fill of the cache, and the decode's bytes at aot_report.FILLS."""
     g, n = self.cfg.grpo.num_generations, self.setup.settings.sampling.max_new_tokens
-    decode = next(p for p in phases if p.name == "decode")
+    t, mc = self.cfg.data.max_prompt_len, self.model_config
+    counted = next(p for p in phases if p.name == "decode")  # one key block a layer
+    block_bytes = self.decode_block_bytes(dump_root)
+    windows = [mc.sliding_window if mc.layer_type(i) == model_config_lib.SLIDING else None
+               for i in range(mc.num_layers)]
+    block = attention.DECODE_BLOCK_KV
+    decode = counted if block_bytes is None else aot_report.decode_over_the_rollout(
+        counted, block_bytes, prompt_slots=t, block=block, windows=windows)
+    phases = [decode if p.name == "decode" else p for p in phases]
     roof = aot_report.roofline(phases, self.slice.chip, chips=self.slice.chips,
                                generated_tokens=self.cfg.sampled_prompts_per_step * g * n,
                                decode=decode, decode_min_bytes=self.decode_min_bytes())
-    block_bytes = self.decode_block_bytes(dump_root)
     if block_bytes is not None:
-      mc = self.model_config
       weights, kv = self.decode_chip_bytes()
-      windows = [mc.sliding_window if mc.layer_type(i) == model_config_lib.SLIDING else None
-                 for i in range(mc.num_layers)]
       roof["decode_by_fill"] = aot_report.decode_by_fill(
-          decode, block_bytes, slots=self.cfg.data.max_prompt_len + n,
-          block=attention.DECODE_BLOCK_KV, windows=windows, weight_bytes=weights, kv_bytes=kv)
+          counted, block_bytes, slots=t + n, block=block, windows=windows,
+          weight_bytes=weights, kv_bytes=kv)
     return roof
 
 

@@ -273,6 +273,28 @@ def roofline(phases: Sequence[Phase], chip: aot_targets.Chip, *, chips: int,
 FILLS = (0.1, 0.5, 0.9)  # decode_by_fill's shares of the cache's slots
 
 
+def _ceil(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _more_blocks(filled: int, block: int, windows: Sequence[int | None]) -> int:
+  """The key blocks past the first that the layers read over `filled` slots, all layers
+  together (a sliding layer of window W at most ceil(W / block) + 1 of them)."""
+  return sum((_ceil(filled, block) if w is None else min(_ceil(filled, block),
+                                                          _ceil(w, block) + 1)) - 1
+             for w in windows)
+
+
+def decode_over_the_rollout(decode: Phase, block_bytes: float, *, prompt_slots: int,
+                            block: int, windows: Sequence[int | None]) -> Phase:
+  """The decode phase with each iteration's bytes at its own fill: decode's bytes count each
+  layer's loop over key blocks once, and iteration n of the decode.count reads the blocks up
+  to slot prompt_slots + n; the bytes are their mean over the iterations."""
+  more = sum(_more_blocks(prompt_slots + n, block, windows)
+             for n in range(1, decode.count + 1)) / max(decode.count, 1)
+  return dataclasses.replace(decode, bytes_accessed=decode.bytes_accessed + more * block_bytes)
+
+
 def decode_by_fill(decode: Phase, block_bytes: float, *, slots: int, block: int,
                    windows: Sequence[int | None], weight_bytes: float,
                    kv_bytes: float) -> list[dict[str, Any]]:
@@ -286,19 +308,13 @@ def decode_by_fill(decode: Phase, block_bytes: float, *, slots: int, block: int,
   attention that read all slots of every layer read; "min" the chip's weights (weight_bytes)
   and the filled share of its KV cache (kv_bytes full). windows: each layer's W or None.
   """
-  ceil = lambda a, b: -(-a // b)
-  total = ceil(slots, block)
-
-  def blocks(filled: int, window: int | None) -> int:
-    return ceil(filled, block) if window is None else min(ceil(filled, block),
-                                                          ceil(window, block) + 1)
-
+  total = _ceil(slots, block)
   rows = []
   for fill in FILLS:
     filled = max(1, round(fill * slots))
-    extra = sum(blocks(filled, w) - 1 for w in windows)
     rows.append({"fill": fill, "slots": filled,
-                 "bytes_per_token": decode.bytes_accessed + extra * block_bytes,
+                 "bytes_per_token": (decode.bytes_accessed
+                                     + _more_blocks(filled, block, windows) * block_bytes),
                  "every_slot_bytes_per_token": (decode.bytes_accessed
                                                 + len(windows) * (total - 1) * block_bytes),
                  "min_bytes_per_token": weight_bytes + kv_bytes * filled / slots})

@@ -184,6 +184,15 @@ def test_decode_reads_the_blocks_up_to_the_filled_slot():
   assert [row["min_bytes_per_token"] for row in rows] == [32.0, 40.0, 48.0]
 
 
+def test_each_decode_iteration_reads_the_blocks_of_its_own_fill():
+  """Prompts of 98 slots, blocks of 100, two full layers: of four iterations (slots 99-102)
+  two read one block a layer, two read two: one more block a layer on average."""
+  decode = aot_report.Phase("decode", 1.0, 50.0, 4)
+  step = aot_report.decode_over_the_rollout(decode, 2.0, prompt_slots=98, block=100,
+                                            windows=[None, None])
+  assert (step.name, step.flops, step.count, step.bytes_accessed) == ("decode", 1.0, 4, 52.0)
+
+
 def test_report_has_the_keys_design_md_fixes():
   s = aot_targets.parse_topology("v5e-8")
   decode = aot_report.Phase("decode", 1e9, 2e9, 10)
