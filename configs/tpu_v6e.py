@@ -5,9 +5,10 @@
 
 Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, gemma3-1b, 7b),
 "lora" and "long"; the same settings as configs/tpu_v5e.py, on chips with twice the v5e's HBM
-(31.25 GiB usable), but for 7b's 16 micro-batches (7b,long keeps 8). Compiled for a v6e-8 by `python -m
-grpo_jax.aot --config=configs/tpu_v6e.py:[ARGS,]model=NAME,data=unused.jsonl --topology=v6e-8
---noroofline` (jax 0.10.2, libtpu 0.0.42.1; compiler estimates per chip, layers scanned):
+(31.25 GiB usable), but for 7b's 16 micro-batches (7b,long keeps 8). Compiled for a v6e-8
+by `python -m grpo_jax.aot --config=configs/tpu_v6e.py:[ARGS,]model=NAME,data=unused.jsonl
+--topology=v6e-8 --noroofline` (jax 0.10.2, libtpu 0.0.42.1; compiler estimates per chip,
+layers scanned):
 
 1.5b (model=Qwen2.5-1.5B): train step 8.82 GiB (72% free), init 3.66, evaluation sampler
   5.65 (2026-11-29).

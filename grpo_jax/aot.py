@@ -24,7 +24,8 @@ line naming it, its bytes, the HBM and its largest buffers); 2: a user error.
 Compile-only differences from a run, none of which changes the memory materially: the
 prompts are padded to data.max_prompt_len (the largest bucket); on GPU targets, whose
 compile-only client cannot lower host callbacks, the reward callback is replaced by a jnp
-stand-in traced into the step (aot_rewards.StandInReward: [R] and [F, R] floats, as the callback's).
+stand-in traced into the step (aot_rewards.StandInReward: [R] and [F, R] floats, as the
+callback's).
 """
 
 from __future__ import annotations
@@ -396,8 +397,8 @@ def run(config, topology: str | None, headroom: float, out_path: str = "",
   cfg = config_lib.freeze(config, num_devices=target.chips)
   mc = model_config(cfg, "tpu" if target.platform == "tpu" else "gpu")
   names = tuple(spec.name for spec in rewards_lib.parse_spec(cfg.rewards))
-  reward = (aot_rewards.HostReward if target.platform == "tpu" else aot_rewards.StandInReward)(len(names),
-                                                                        cfg.grpo.step_slots)
+  stand_in = aot_rewards.HostReward if target.platform == "tpu" else aot_rewards.StandInReward
+  reward = stand_in(len(names), cfg.grpo.step_slots)
   setup = builder.train_setup(cfg, mc, builder.sampling_settings(cfg, None, mc), devices)
   plan = Plan(cfg=cfg, slice=target, setup=setup, model_config=mc, reward_fn=reward,
               reward_names=names)
