@@ -14,6 +14,7 @@ import tokenizers
 import transformers
 
 from grpo_jax import data
+from grpo_jax.data import synthetic
 from grpo_jax.data import tokenizer as tokenizer_lib
 from grpo_jax.errors import UserError
 
@@ -98,6 +99,26 @@ def test_arithmetic_wrong_answers_corrupt_only_the_sft_target():
     assert data.sft_target(r).endswith(f"<answer>\n{r['sft_answer']}\n</answer>")
   with pytest.raises(UserError, match="wrong_answers"):
     data.load_rows("synthetic:arithmetic:wrong_answers=101")
+
+
+def test_arithmetic_unworked_rows_skip_the_columns_and_keep_the_rows():
+  mixed = data.load_rows("synthetic:arithmetic:digits=2,ops=+,unworked=60", num_rows=1000)
+  unworked = [r for r in mixed if "\n" not in r["reasoning"]]
+  assert 0.55 < len(unworked) / len(mixed) < 0.65
+  for r in mixed:
+    # Every row is right: the one line of an unworked row is the sum with its true answer,
+    # a worked row's columns reach it; the SFT target answers with it.
+    a, b = map(int, r["prompt"].split()[1].rstrip(".").split("+"))
+    *columns, last = r["reasoning"].split("\n")
+    assert last == f"{a}+{b}={a + b}" and r["answer"] == str(a + b)
+    if columns:
+      assert _check_columns(columns, "+") == a + b
+    assert data.sft_target(r).endswith(f"<answer>\n{a + b}\n</answer>")
+  # The options' repr seeds the rows; the option is left out of it, so the rows of every
+  # source written before it existed stay as they were.
+  assert repr(synthetic.ArithmeticOptions(unworked=60)) == repr(synthetic.ArithmeticOptions())
+  with pytest.raises(UserError, match="unworked"):
+    data.load_rows("synthetic:arithmetic:unworked=-1")
 
 
 def test_countdown_targets_reachable():

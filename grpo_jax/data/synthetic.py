@@ -35,17 +35,26 @@ class ArithmeticOptions:
   (the true one off by 1 or 10) after a correct worked solution, like unverified
   cold-start data. Only the SFT target ("sft_answer") is wrong; "answer", which the
   rewards check, stays true.
+
+  unworked: the percentage of rows whose reasoning skips the columns: the one line
+  "a+b=c", right like every other line. A model warm-started on them answers some
+  problems at once and works others out column by column, and RL has to find which of the
+  two pays. (Not in repr, which seeds the rows: sources without it keep their rows.)
   """
 
   digits: int = 3
   ops: str = "+-"
   wrong_answers: int = 0
+  unworked: int = dataclasses.field(default=0, repr=False)
 
   def __post_init__(self):
     if not 1 <= self.digits <= 9:
       raise UserError(f"synthetic:arithmetic digits={self.digits} is out of range; allowed 1..9")
     if not 0 <= self.wrong_answers <= 100:
       raise UserError(f"synthetic:arithmetic wrong_answers={self.wrong_answers} is out of range;"
+                      " allowed 0..100 (percent)")
+    if not 0 <= self.unworked <= 100:
+      raise UserError(f"synthetic:arithmetic unworked={self.unworked} is out of range;"
                       " allowed 0..100 (percent)")
     if not self.ops or set(self.ops) - set("+-*"):
       raise UserError(f"synthetic:arithmetic ops={self.ops!r} is invalid;"
@@ -88,6 +97,8 @@ def arithmetic_row(rng: random.Random, options: ArithmeticOptions) -> dict:
   expr = f"{a}{op}{b}"
   answer = str(_OPS[op](a, b))
   lines = [column_line(col, op) for col in columns(a, b, op)]
+  if options.unworked and rng.random() < options.unworked / 100:
+    lines = []
   reasoning = "\n".join(lines + [f"{expr}={answer}"])
   row = {"prompt": f"Compute {expr}.\n{INSTRUCTION}", "answer": answer,
          "task": "arithmetic", "reasoning": reasoning}
