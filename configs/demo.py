@@ -3,22 +3,29 @@
 DeepSeek-R1's recipe in miniature: cold-start SFT on worked solutions (<think> working
 </think><answer>..</answer>), then GRPO with a verified reward (exact match). Held-out
 pass@1 (new prompts, k samples each at temperature 1) is printed before GRPO and at the
-end, and workdir/progress.png plots reward and pass@1 over steps. Five variants:
+end, and workdir/progress.png plots reward and pass@1 over steps. Six variants:
 
-  python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo       # copy
+  python -m grpo_jax.main --config=configs/demo.py --workdir=runs/demo       # think
+  python -m grpo_jax.main --config=configs/demo.py:copy --workdir=runs/copy
   python -m grpo_jax.main --config=configs/demo.py:clean --workdir=runs/clean
   python -m grpo_jax.main --config=configs/demo.py:countdown --workdir=runs/countdown
   python -m grpo_jax.main --config=configs/demo.py:process --workdir=runs/process
   python -m grpo_jax.main --config=configs/demo.py:lora --workdir=runs/demo_lora
 
-copy (the default): 2-digit addition. The warm-start data is unverified, as cold-start
-  data written by another model is: 70% of its rows end in a wrong final answer after a
-  correct worked solution (synthetic:arithmetic's wrong_answers option), and the model
-  copies that habit. GRPO teaches it to answer with what its own working found.
-clean: the same task on correct warm-start data, stopped early (about half of the
-  samples right); GRPO has to sharpen the model's own arithmetic, with process
-  supervision (each line of the worked sum a step with its own reward), the setting
-  that gained most in LEARNING.md's runs.
+think (the default): 2-digit addition on clean warm-start data (every row right), of two
+  kinds: 45% of the rows work the sum out column by column, UNWORKED = 55% answer at once
+  with the one line "a+b=c" (synthetic:arithmetic's unworked option). The model learns
+  both habits, and fewer than half of its samples are right (the more rows answer at once,
+  the lower it starts). Nothing in the reward asks for working; GRPO finds that working
+  the sum out pays, as R1-Zero's chains of thought grew under RL.
+copy: the same task on unverified warm-start data, as cold-start data written by another
+  model is: 70% of its rows end in a wrong final answer after a correct worked solution
+  (synthetic:arithmetic's wrong_answers option), and the model copies that habit. GRPO
+  teaches it to answer with what its own working found.
+clean: every warm-start row worked out, stopped early (about half of the samples right);
+  GRPO has to sharpen the model's own arithmetic, with process supervision (each line of
+  the worked sum a step with its own reward), the setting that gained most in
+  LEARNING.md's runs on it; slow (800 steps).
 countdown: reach a target with three given numbers and + - * / (as TinyZero does). The
   warm-start rows show one random way the target was made, so the model has to search.
 process: copy with process supervision (DeepSeekMath 4.1.3): each line of the worked
@@ -40,13 +47,14 @@ import ml_collections
 from grpo_jax import config
 from grpo_jax.errors import UserError
 
-VARIANTS = ("copy", "clean", "countdown", "process", "lora")
+VARIANTS = ("think", "copy", "clean", "countdown", "process", "lora")
 ARITHMETIC = "synthetic:arithmetic:digits=2,ops=+,wrong_answers={}"
+UNWORKED = 55  # think: the share of warm-start rows that answer at once, percent
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The demo's config; arg names a variant (VARIANTS), copy when absent."""
-  variant = arg or "copy"
+  """The demo's config; arg names a variant (VARIANTS), think when absent."""
+  variant = arg or "think"
   if variant not in VARIANTS:
     raise UserError(f"configs/demo.py:{arg}: no such variant; allowed: configs/demo.py or "
                     + " or ".join(f"configs/demo.py:{v}" for v in VARIANTS))
@@ -86,7 +94,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return cfg
   cfg.rewards = "exact_match:1"
   cfg.eval.k = 8
-  if variant == "clean":
+  if variant == "think":
+    cfg.data.source = f"synthetic:arithmetic:digits=2,ops=+,unworked={UNWORKED}"
+    cfg.sft.num_steps = 700
+    cfg.train.num_steps = 200
+    cfg.eval.every_steps = 50
+  elif variant == "clean":
     cfg.data.source = ARITHMETIC.format(0)
     cfg.sft.num_steps = 400  # 51-57% of the samples right (LEARNING.md)
     cfg.grpo.supervision = "process"  # each line of the worked sum scored on its own

@@ -83,7 +83,7 @@ def test_demo_config_freezes_with_cli_overrides():
   assert c.data.use_chat_template is False
 
 
-@pytest.mark.parametrize("variant", ["copy", "clean", "countdown", "process", "lora"])
+@pytest.mark.parametrize("variant", ["think", "copy", "clean", "countdown", "process", "lora"])
 def test_demo_variants_leave_room_for_every_worked_solution(variant):
   """Each demo variant's budget of new tokens holds the longest SFT target and EOS (a
   correct answer cut short scores 0), and sft.max_len holds prompt and target."""
@@ -102,14 +102,15 @@ def test_demo_variants_leave_room_for_every_worked_solution(variant):
 
 def test_demo_config_names_its_variants_on_a_wrong_one():
   with pytest.raises(UserError, match=r"configs/demo.py:clear: no such variant; allowed: "
-                     r"configs/demo.py or configs/demo.py:copy or configs/demo.py:clean or "
+                     r"configs/demo.py or configs/demo.py:think or configs/demo.py:copy or "
+                     r"configs/demo.py:clean or "
                      r"configs/demo.py:countdown or configs/demo.py:process or "
                      r"configs/demo.py:lora$"):
     _load("configs/demo.py:clear")
 
 
-def test_demo_process_variant_is_the_demo_with_step_rewards():
-  outcome, process = _flat(_load("configs/demo.py").to_dict()), _flat(
+def test_demo_process_variant_is_the_copy_demo_with_step_rewards():
+  outcome, process = _flat(_load("configs/demo.py:copy").to_dict()), _flat(
       _load("configs/demo.py:process").to_dict())
   changed = {k: v for k, v in process.items() if outcome[k] != v}
   assert changed == {"grpo.supervision": "process", "step_rewards": "arithmetic_steps"}

@@ -38,8 +38,8 @@ def set_keys(cfg, values):
 
 
 def tiny_config(**overrides):
-  """The demo config shrunk to seconds: a 1-layer model, 2 prompts x 4 completions."""
-  return set_keys(demo.get_config(), {
+  """The copy demo's config shrunk to seconds: a 1-layer model, 2 prompts x 4 completions."""
+  return set_keys(demo.get_config("copy"), {
       **SMALL_RUN,
       "model.demo.hidden_size": 32, "model.demo.intermediate_size": 64,
       "model.demo.num_layers": 1, "model.demo.num_heads": 2, "model.demo.num_kv_heads": 1,
