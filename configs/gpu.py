@@ -29,6 +29,8 @@ all live at once in the backward: 1.5b 46.96 -> 36.49 GiB, long 64.36 -> 48.25).
 7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. h100x8
   (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26
   (the same on 2026-11-30).
+7b,long: 4,096 new tokens, B 4 x G 8. h100x8 (model=Qwen2.5-7B): train step 45.05 GiB (24%
+  free), init 17.74, evaluation sampler 34.25 (2026-11-30).
 7b,lora (Llama-3.1-8B or Qwen2.5-7B, rank 64), one H100, 16 micro-batches of 8 rows. h100x1
   (model=Llama-3.1-8B): train step 52.17 GiB (12% free), init 32.42, evaluation sampler 36.65
   (the same on 2026-11-30).
