@@ -289,15 +289,37 @@ def advantage(rewards: scoring.Rewards, rollout: Rollout, grpo: config_lib.GrpoC
 def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: StepSettings,
                     layout: Layout | None = None) -> tuple[jax.Array | None, jax.Array | None]:
   """(pi_old, pi_ref) log-probs [R, N] of the completions before any update: pi_old only when
-  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0. With a
-  layout the forward keeps each device's rows (Transformer.hidden's activation_sharding)."""
-  logps = lambda graphdef, params: jax.lax.stop_gradient(logps_lib.completion_logps(
-      graphdef, params, rollout.prompt_tokens, rollout.prompt_mask, rollout.tokens,
-      rollout.mask, settings.sampling.logprob_temperature, _rows(layout)))
+  some update of this batch is not the first (mu x M > 1), pi_ref only when beta > 0.
+
+  Each pass runs over the update's M x A micro-batches one after another (loss_batches'
+  split, as TRL computes them per micro-batch), so it holds one micro-batch's activations and
+  KV cache, not those of all R rows. With a layout the forward keeps each device's rows
+  (Transformer.hidden's activation_sharding)."""
+  chunks = settings.grpo.minibatches_per_iteration * settings.grad_accum_steps
+  prompt_tokens, prompt_mask = _micro_batch_prompts(rollout, settings)
+  micro = jax.tree.map(lambda x: x.reshape((chunks, -1) + x.shape[1:]),
+                       (prompt_tokens, prompt_mask, rollout.tokens, rollout.mask))
+
+  def logps(graphdef, params):
+    one = lambda inputs: logps_lib.completion_logps(
+        graphdef, params, *inputs, settings.sampling.logprob_temperature, _rows(layout))
+    return jax.lax.stop_gradient(jax.lax.map(one, micro)).reshape(rollout.tokens.shape)
+
   old = logps(graphdef, state.params) if settings.grpo.needs_old_logps else None
   ref = (logps(*lora_lib.reference(graphdef, state.params, state.ref_params))
          if settings.grpo.beta > 0 else None)
   return old, ref
+
+
+def _micro_batch_prompts(rollout: Rollout, settings: StepSettings) -> tuple[jax.Array, jax.Array]:
+  """The rollout's prompts and masks [R / S, T] for micro-batches of R / (M A) rows, each
+  prompt shared by S = prompt_share(...) consecutive rows of a micro-batch."""
+  r = rollout.tokens.shape[0]
+  micro_rows = r // (settings.grpo.minibatches_per_iteration * settings.grad_accum_steps)
+  share = logps_lib.prompt_share(settings.grpo.num_generations, micro_rows, settings.row_shards)
+  copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
+  return (jnp.repeat(rollout.prompt_tokens, copies, axis=0),
+          jnp.repeat(rollout.prompt_mask, copies, axis=0))
 
 
 def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
@@ -308,13 +330,9 @@ def loss_batches(rollout: Rollout, advs: Advantages, old_logps, ref_logps,
   micro-batch's prompts are shared by prompt_share(...) of its rows.
   """
   m, a = settings.grpo.minibatches_per_iteration, settings.grad_accum_steps
-  r = rollout.tokens.shape[0]
-  share = logps_lib.prompt_share(settings.grpo.num_generations, r // (m * a),
-                                 settings.row_shards)
-  copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
+  prompt_tokens, prompt_mask = _micro_batch_prompts(rollout, settings)
   batch = LossBatch(
-      prompt_tokens=jnp.repeat(rollout.prompt_tokens, copies, axis=0),
-      prompt_mask=jnp.repeat(rollout.prompt_mask, copies, axis=0),
+      prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
       tokens=rollout.tokens, mask=rollout.mask, loss_mask=advs.loss_mask, advs=advs.advs,
       kept=advs.kept, old_logps=old_logps, ref_logps=ref_logps)
   return jax.tree.map(lambda x: x.reshape((m, a, -1) + x.shape[1:]), batch)
