@@ -209,8 +209,9 @@ class Plan:
     from train_step's own functions, compiled on its own (XLA's cost analysis counts a loop
     body once, so the loops a step runs are counted here): sampling (prefill, the first
     token and one decode iteration), the N - 1 further decode iterations, the old and
-    reference log-prob passes, and the mu x M updates, each its first micro-batch with the
-    optimizer step (minibatch_update) and A - 1 more micro-batch gradients."""
+    reference log-prob passes (one micro-batch's, M x A times), and the mu x M updates, each
+    its first micro-batch with the optimizer step (minibatch_update) and A - 1 more
+    micro-batch gradients."""
     setup, settings, cfg = self.setup, self.setup.settings, self.cfg
     graphdef, layout, state = setup.graphdef, setup.layout, self.state
     key = self.replicated((2,), jnp.uint32)
@@ -224,8 +225,10 @@ class Plan:
     logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef,
                                       settings=settings, layout=layout))
     old, ref = jax.eval_shape(logps, state, rollout)
-    if old is not None or ref is not None:
-      out.append(("logps", logps, (state, rollout), {}, 1))
+    updates, accum = settings.grpo.updates_per_step, settings.grad_accum_steps
+    if old is not None or ref is not None:  # a loop over the M x A micro-batches: counted once
+      out.append(("logps", logps, (state, rollout), {},
+                  settings.grpo.minibatches_per_iteration * accum))
     r = rollout.tokens.shape[0]
     advs = train_step_lib.Advantages(
         advs=jax.ShapeDtypeStruct((r, n) if cfg.grpo.supervision == "process" else (r,),
@@ -237,7 +240,6 @@ class Plan:
     stacked = NamedSharding(setup.mesh, P(None, *layout.rows.spec))
     minibatch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=stacked), batches)
-    updates, accum = settings.grpo.updates_per_step, settings.grad_accum_steps
     update = jax.jit(functools.partial(train_step_lib.minibatch_update, graphdef, setup.tx,
                                        settings=settings, layout=layout))
     out.append(("update", update, (state.params, state.opt_state, minibatch), {}, updates))
