@@ -35,8 +35,9 @@ DEFAULT_SIZE = "1.5b"
 OPTIONS = frozenset({"lora", "long"})
 LORA = dict(rank=64, alpha=64.0, base_dtype="bfloat16", learning_rate=1e-5)
 # "long": chains of thought of N = 8,192 new tokens (4,096 for 7B), G = 8 as ever, B / 4
-# prompts (a micro-batch holds a quarter of the rows, each 8.25 times longer at 1.5B), and
-# evaluation on 8 prompts (k = 4 rows each, every row's KV cache 8,448 slots long).
+# prompts (tpu_v6e.py's full 7B: B / 8; a micro-batch holds a quarter of the rows, each 8.25
+# times longer at 1.5B), and evaluation on 8 prompts (k = 4 rows each, every row's KV cache
+# 8,448 slots long).
 LONG = dict(new_tokens={"7b": 4096, "*": 8192}, fewer_prompts=4, eval_prompts=8)
 
 

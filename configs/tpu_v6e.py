@@ -5,10 +5,10 @@
 
 Arguments as configs/hf.py's, optionally led by the model size (0.5b, 1.5b, gemma3-1b, 7b),
 "lora" and "long"; the same settings as configs/tpu_v5e.py, on chips with twice the v5e's HBM
-(31.25 GiB usable), but for 7b's 16 micro-batches (7b,long keeps 8). Compiled for a v6e-8
-by `python -m grpo_jax.aot --config=configs/tpu_v6e.py:[ARGS,]model=NAME,data=unused.jsonl
---topology=v6e-8 --noroofline` (jax 0.10.2, libtpu 0.0.42.1; compiler estimates per chip,
-layers scanned):
+(31.25 GiB usable), but for 7b's 16 micro-batches and 7b,long's 4 prompts a step. Compiled for
+a v6e-8 by `python -m grpo_jax.aot --config=configs/tpu_v6e.py:[ARGS,]model=NAME,
+data=unused.jsonl --topology=v6e-8 --noroofline` (jax 0.10.2, libtpu 0.0.42.1; compiler
+estimates per chip, layers scanned):
 
 1.5b (model=Qwen2.5-1.5B): train step 8.82 GiB (72% free), init 3.66, evaluation sampler
   5.65 (2026-11-29).
@@ -19,8 +19,12 @@ layers scanned):
   evaluation sampler 7.58 (2026-11-30).
 1.5b,long: 8,192 new tokens, B 8 x G 8: train step 9.94 GiB (68% free), init 3.66,
   evaluation sampler 5.44 (2026-11-30).
-Not compiled for v6e yet: 7b,long, and the 0.5b and gemma3-1b sizes (on a v5e, with half the
-HBM, those two take 5.49 and 7.05 GiB); check them with the command above before a run.
+7b,long (Qwen2.5-7B): 4,096 new tokens, B 4 x G 8, 16 micro-batches of 2 rows: train step
+  27.49 GiB (12% free), init 17.76, evaluation sampler 8.91 (2026-11-30, the log-prob passes
+  micro-batched). With B 8 x G 8 the step needed 28.58 GiB in 16 micro-batches (8.5% free) and
+  more than the chip's 31.25 in 8: the rollout (its KV cache and weights) is then the peak.
+Not compiled for v6e yet: the 0.5b and gemma3-1b sizes (on a v5e, with half the HBM, those
+two take 5.49 and 7.05 GiB); check them with the command above before a run.
 """
 
 import ml_collections
@@ -31,8 +35,10 @@ from configs import accelerators
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size, cfg = accelerators.make_config(arg, **accelerators.TPU)
   options = accelerators.split_size(arg, tuple(accelerators.TPU["mesh_shape"]))[1]
-  if size == "7b" and "long" not in options:
-    # A v6e-8 holds the 7B state on 8 chips (17.76 GiB each): smaller micro-batches. (long
-    # has a quarter of the rows already: 8 micro-batches of 8 split over its slices' shards.)
+  if size == "7b":
+    # A v6e-8 holds the 7B state on 8 chips (17.76 GiB each): smaller micro-batches, and with
+    # "long" (not LoRA) half the prompts, B 4 x G 8 as gpu.py's 7b,long: micro-batches of 2.
     cfg.train.grad_accum_steps = 16
+    if "long" in options and "lora" not in options:
+      cfg.data.prompts_per_step //= 2
   return cfg
