@@ -303,7 +303,8 @@ def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: Ste
   def logps(graphdef, params):
     one = lambda inputs: logps_lib.completion_logps(
         graphdef, params, *inputs, settings.sampling.logprob_temperature, _rows(layout))
-    return jax.lax.stop_gradient(jax.lax.map(one, micro)).reshape(rollout.tokens.shape)
+    out = jax.lax.map(one, micro) if chunks > 1 else one(jax.tree.map(lambda x: x[0], micro))
+    return jax.lax.stop_gradient(out).reshape(rollout.tokens.shape)
 
   old = logps(graphdef, state.params) if settings.grpo.needs_old_logps else None
   ref = (logps(*lora_lib.reference(graphdef, state.params, state.ref_params))
