@@ -15,9 +15,11 @@ Figures: the compiler's estimates per chip of the 30.75 GiB libtpu lets a progra
   (model=Qwen2.5-1.5B): train step 14.01 GiB (54% free), init 7.31, evaluation sampler 7.24.
 1.5b,long: 8,192 new tokens, B 8 x G 8. v4-8: train step 18.87 GiB (39% free), init 7.31,
   evaluation sampler 7.30 (2026-11-30).
-7b (Qwen2.5-7B class), v4-32 (16 chips), FSDP x tensor 4. Not compiled yet, nor 7b,long
-  (4,096 new tokens): check them with `--config=configs/tpu_v4.py:7b[,long],model=Qwen2.5-7B,
-  data=unused.jsonl --topology=v4-32`.
+7b (Qwen2.5-7B class), v4-32 (16 chips), FSDP 4 x tensor 4, 8 micro-batches. v4-32
+  (model=Qwen2.5-7B): train step 15.41 GiB (50% free), init 8.97, evaluation sampler 7.65
+  (2026-11-30, the log-prob passes micro-batched; the other figures predate that).
+7b,long: 4,096 new tokens, B 8 x G 8. v4-32: train step 16.06 GiB (48% free), init 8.97,
+  evaluation sampler 7.24 (2026-11-30).
 7b,lora (Qwen2.5-7B, rank 64), v4-8 (4 chips, FSDP 1 x tensor 4), 16 micro-batches. v4-8
   (model=Qwen2.5-7B): train step 15.97 GiB (48% free), init 8.25, evaluation sampler 10.36.
 """
