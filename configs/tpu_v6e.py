@@ -13,8 +13,9 @@ estimates per chip, layers scanned):
 1.5b (model=Qwen2.5-1.5B): train step 8.82 GiB (72% free), init 3.66, evaluation sampler
   5.65 (2026-11-29).
 7b (model=Qwen2.5-7B), FSDP 2 x tensor 4, 16 micro-batches: train step 27.98 GiB (10.5% free),
-  init 17.76 (2026-11-30). With the 8 micro-batches of the other TPU configs the compiler gave
-  29.89 GiB (4% free: not the 10% the tool asks), evaluation sampler 10.30.
+  init 17.76, evaluation sampler 10.30 (2026-11-30; the same with the log-prob passes
+  micro-batched). With the 8 micro-batches of the other TPU configs the compiler gave 29.89
+  GiB (4% free: not the 10% the tool asks).
 7b,lora (Qwen2.5-7B, rank 64), 16 micro-batches: train step 9.59 GiB (69% free), init 4.41,
   evaluation sampler 7.58 (2026-11-30).
 1.5b,long: 8,192 new tokens, B 8 x G 8: train step 9.94 GiB (68% free), init 3.66,
