@@ -24,8 +24,9 @@ all live at once in the backward: 1.5b 46.96 -> 36.49 GiB, long 64.36 -> 48.25).
   sampler 16.41 (2026-11-30). With 2 micro-batches the step needs 40.98 GiB (it did not fit
   before 2026-11-30: 60.15); 4 keep room for the long variant, which shares them.
 1.5b,long: 8,192 new tokens, B 4 x G 8, micro-batches of 8 rows. h100x1 (model=Qwen2.5-1.5B):
-  train step 48.25 GiB (19% free), init 28.75, evaluation sampler 15.87; h100x8: train step
-  22.79 GiB (62% free), init 3.60, evaluation sampler 4.50 (2026-11-30).
+  train step 42.64 GiB (28% free) with the log-prob passes micro-batched (48.25 before), init
+  28.75, evaluation sampler 15.87; h100x8: train step 22.79 GiB (62% free), init 3.60,
+  evaluation sampler 4.50 (2026-11-30).
 7b (Qwen2.5-7B class), 8 H100s, 4 micro-batches, evaluation on 16 prompts. h100x8
   (model=Qwen2.5-7B): train step 45.07 GiB (24% free), init 17.74, evaluation sampler 34.26
   (the same on 2026-11-30).
