@@ -21,9 +21,8 @@ of S = T + N = 1024 slots a row.
 
 "lora": rank-64 adapters on q, k, v, o, gate, up, down over a frozen bfloat16 base (LORA
 below): no reference copy (pi_ref is the base with the adapters off), AdamW's moments for the
-adapters only (2.1% of P at rank 64 on a 7B). The compiler's figures: the
-configs' docstrings.
-"long": see LONG below; the compiler's figures: tpu_v5e.py, tpu_v4.py and gpu.py.
+adapters only (2.1% of P at rank 64 on a 7B). The compiler's figures: the configs' docstrings.
+"long": see LONG below; the compiler's figures: the configs' docstrings.
 """
 
 import ml_collections

@@ -225,10 +225,8 @@ class Plan:
     logps = jax.jit(functools.partial(train_step_lib.reference_logps, graphdef,
                                       settings=settings, layout=layout))
     old, ref = jax.eval_shape(logps, state, rollout)
-    updates, accum = settings.grpo.updates_per_step, settings.grad_accum_steps
     if old is not None or ref is not None:  # a loop over the M x A micro-batches: counted once
-      out.append(("logps", logps, (state, rollout), {},
-                  settings.grpo.minibatches_per_iteration * accum))
+      out.append(("logps", logps, (state, rollout), {}, settings.micro_batches))
     r = rollout.tokens.shape[0]
     advs = train_step_lib.Advantages(
         advs=jax.ShapeDtypeStruct((r, n) if cfg.grpo.supervision == "process" else (r,),
@@ -240,6 +238,7 @@ class Plan:
     stacked = NamedSharding(setup.mesh, P(None, *layout.rows.spec))
     minibatch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=stacked), batches)
+    updates, accum = settings.grpo.updates_per_step, settings.grad_accum_steps
     update = jax.jit(functools.partial(train_step_lib.minibatch_update, graphdef, setup.tx,
                                        settings=settings, layout=layout))
     out.append(("update", update, (state.params, state.opt_state, minibatch), {}, updates))

@@ -123,6 +123,11 @@ class StepSettings:
   row_shards: int = 1  # how many ways the mesh splits the rows (mesh.row_shards)
   kept_groups: int = 0  # B, the groups the update trains on (of B' sampled); 0 = all sampled
 
+  @property
+  def micro_batches(self) -> int:
+    """M x A, the micro-batches a sampled batch's rows split into (loss_batches)."""
+    return self.grpo.minibatches_per_iteration * self.grad_accum_steps
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -295,7 +300,7 @@ def reference_logps(graphdef, state: TrainState, rollout: Rollout, settings: Ste
   split, as TRL computes them per micro-batch), so it holds one micro-batch's activations and
   KV cache, not those of all R rows. With a layout the forward keeps each device's rows
   (Transformer.hidden's activation_sharding)."""
-  chunks = settings.grpo.minibatches_per_iteration * settings.grad_accum_steps
+  chunks = settings.micro_batches
   prompt_tokens, prompt_mask = _micro_batch_prompts(rollout, settings)
   micro = jax.tree.map(lambda x: x.reshape((chunks, -1) + x.shape[1:]),
                        (prompt_tokens, prompt_mask, rollout.tokens, rollout.mask))
@@ -316,8 +321,8 @@ def _micro_batch_prompts(rollout: Rollout, settings: StepSettings) -> tuple[jax.
   """The rollout's prompts and masks [R / S, T] for micro-batches of R / (M A) rows, each
   prompt shared by S = prompt_share(...) consecutive rows of a micro-batch."""
   r = rollout.tokens.shape[0]
-  micro_rows = r // (settings.grpo.minibatches_per_iteration * settings.grad_accum_steps)
-  share = logps_lib.prompt_share(settings.grpo.num_generations, micro_rows, settings.row_shards)
+  share = logps_lib.prompt_share(settings.grpo.num_generations, r // settings.micro_batches,
+                                 settings.row_shards)
   copies = r // rollout.prompt_tokens.shape[0] // share  # rollout's S / this S
   return (jnp.repeat(rollout.prompt_tokens, copies, axis=0),
           jnp.repeat(rollout.prompt_mask, copies, axis=0))
